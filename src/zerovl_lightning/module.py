@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -11,10 +13,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from zerovl_lightning.dga import DecoupledStep, split_batch
+from zerovl_lightning.distributed import world_info
 from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
+from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair
 from zerovl_lightning.model import DualEncoder
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
     "_target_": "torch.optim.AdamW",
@@ -25,6 +33,14 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {
     "weight_decay": 1e-3,
 }
 DEFAULT_SCHEDULER: dict[str, Any] = {"warmup_fraction": 0.025, "min_lr_ratio": 0.1}
+# DGA options (conf/method/dga.yaml). Lightning forbids Trainer(gradient_clip_val) under manual optimization,
+# so the DGA path clips with its own keys (after AMP unscaling, in on_before_optimizer_step).
+DEFAULT_DGA: dict[str, Any] = {
+    "closed_form": True,
+    "gradient_clip_val": None,
+    "gradient_clip_algorithm": "norm",
+    "bucket_mb": 25.0,
+}
 
 
 def _plain(cfg: Any) -> Any:
@@ -47,6 +63,9 @@ class ZeroVLModule(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         gather_with_grad: bool = True,
+        sub_batch_size: int | None = None,
+        mixup: Mapping[str, Any] | None = None,
+        dga: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
@@ -59,19 +78,127 @@ class ZeroVLModule(L.LightningModule):
         self.optimizer_cfg = dict(_plain(optimizer) or DEFAULT_OPTIMIZER)
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(_plain(scheduler) or {})}
         self.save_hyperparameters(
-            {"optimizer": self.optimizer_cfg, "scheduler": self.scheduler_cfg, "gather_with_grad": gather_with_grad}
+            {
+                "optimizer": self.optimizer_cfg,
+                "scheduler": self.scheduler_cfg,
+                "gather_with_grad": gather_with_grad,
+            }
         )
         self.loss_fn = ContrastiveLoss(gather_with_grad=gather_with_grad)
         self._step_started: float | None = None
 
+        # Coin-flipping mixup (off unless configured) and decoupled gradient accumulation (on iff sub_batch_size).
+        mixup_cfg = dict(_plain(mixup) or {"enabled": False})
+        self.mixup = CoinFlipMixup(**mixup_cfg)
+        self.dga_cfg = {**DEFAULT_DGA, **(_plain(dga) or {})}
+        if sub_batch_size is not None and int(sub_batch_size) <= 0:
+            raise ValueError(f"module.sub_batch_size must be positive, got {sub_batch_size}")
+        self.sub_batch_size = None if sub_batch_size is None else int(sub_batch_size)
+        self.dga_step = DecoupledStep(
+            closed_form=self.dga_cfg["closed_form"], bucket_mb=self.dga_cfg["bucket_mb"]
+        )
+        self.automatic_optimization = self.sub_batch_size is None
+        self.save_hyperparameters(
+            {"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg}
+        )
+
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        plan = self.mixup.plan(self.global_step)  # one plan per optimizer step, the same on every rank
+        if not self.automatic_optimization:
+            return self._dga_training_step(batch, plan)
         images, tokens = batch["image"], batch["text"]
-        image_emb = self.model.encode_image(images)  # [b, D], unit norm
-        text_emb = self.model.encode_text(tokens)  # [b, D], unit norm
-        loss = self.loss_fn(image_emb, text_emb, self.model.logit_scale.exp())
+        # [b, D] unit norm each; mixup (if any) mirrors partners inside this forward batch
+        image_emb, text_emb = encode_pair(self.model, images, tokens, plan)
+        world = world_info()
+        targets = self.mixup.targets(plan, images.shape[0], None, world.rank, world.world_size, images.device)
+        loss = self.loss_fn(image_emb, text_emb, self.model.logit_scale.exp(), targets)
         self._log_step(loss, batch_size=images.shape[0])
+        self._log_mixup(plan, batch_size=images.shape[0])
         return loss
+
+    def _dga_training_step(self, batch: Mapping[str, Any], plan: MixupPlan) -> torch.Tensor:
+        """One optimizer step over the per-rank batch in sub-batches (manual optimization, dga.py).
+
+        DDP's reducer is kept out (``no_sync``): :class:`DecoupledStep` sums the gradient shares itself with
+        one coalesced all-reduce. The closure runs inside ``opt.step`` so Lightning's precision plugin scales
+        the backward (16-mixed), unscales before ``on_before_optimizer_step`` (clipping) and skips overflowed
+        steps.
+        """
+        n, b = batch["image"].shape[0], self.sub_batch_size
+        if n % b:
+            raise ValueError(
+                f"module.sub_batch_size={b} must divide data.batch_size (got a batch of {n} samples)"
+            )
+        subs = split_batch(batch, b)
+        world = world_info()
+        # partners mirror inside each sub-batch: a block-diagonal permutation of the gathered batch
+        targets = self.mixup.targets(plan, n, b, world.rank, world.world_size, batch["image"].device)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        result: dict[str, torch.Tensor] = {}
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            res = self.dga_step(
+                self.model,
+                lambda sub: encode_pair(self.model, sub["image"], sub["text"], plan),
+                subs,
+                self.model.logit_scale,
+                targets,
+                backward=self.manual_backward,
+                world=world,
+            )
+            result["loss"] = res.loss
+            return res.loss
+
+        ddp = self.trainer.strategy.model if self._trainer is not None else None
+        with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else nullcontext():
+            opt.step(closure=closure)
+        if sched is not None:
+            sched.step()
+        loss = result["loss"]  # the full-batch loss with this step's targets, identical on every rank
+        self._log_step(loss, batch_size=n)
+        self._log_mixup(plan, batch_size=n)
+        self.log("train/sub_batches", float(len(subs)), batch_size=n)
+        return loss
+
+    def _log_mixup(self, plan: MixupPlan, batch_size: int) -> None:
+        if self.mixup.enabled:
+            self.log("mixup/alpha", plan.alpha, batch_size=batch_size)
+            self.log("mixup/modality", plan.modality_code, batch_size=batch_size)  # 0 none, 1 image, 2 text
+
+    def setup(self, stage: str) -> None:
+        """Reject a sub-batch that does not divide the per-rank batch before any work."""
+        if self.sub_batch_size is None or self._trainer is None:
+            return
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is not None and int(batch_size) % self.sub_batch_size:
+            raise ValueError(
+                f"module.sub_batch_size={self.sub_batch_size} must divide data.batch_size={batch_size} "
+                "(the per-rank batch of one optimizer step)"
+            )
+        if batch_size is not None and int(batch_size) == self.sub_batch_size:
+            log.warning(
+                "module.sub_batch_size equals data.batch_size: DGA with one sub-batch costs an extra "
+                "forward per step; drop module.sub_batch_size to train with the plain step"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """DGA path only: clip after AMP unscaling (the plain path clips via Trainer(gradient_clip_val))."""
+        clip = self.dga_cfg.get("gradient_clip_val")
+        if not self.automatic_optimization and clip:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=clip,
+                gradient_clip_algorithm=self.dga_cfg["gradient_clip_algorithm"],
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mixup"] = self.mixup.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "mixup" in checkpoint:
+            self.mixup.load_state_dict(checkpoint["mixup"])
 
     def _log_step(self, loss: torch.Tensor, batch_size: int) -> None:
         """Loss, τ and LR every step; the loss is this rank's share, averaged over ranks = the full-batch loss."""
@@ -80,7 +207,9 @@ class ZeroVLModule(L.LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
-        self.log("train/global_batch_size", float(batch_size * self.trainer.world_size), batch_size=batch_size)
+        self.log(
+            "train/global_batch_size", float(batch_size * self.trainer.world_size), batch_size=batch_size
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -219,6 +219,7 @@ def write_shards(
     params: Mapping[str, Any] | None = None,
     extra_stats: Mapping[str, Any] | None = None,
     workers: int = 0,
+    pool: Any = None,
     force: bool = False,
     progress: bool = True,
     desc: str | None = None,
@@ -227,7 +228,8 @@ def write_shards(
 
     ``load(task.image) -> (bytes, ext)`` produces an image (``ext`` in jpg/png/webp) or raises
     (``FileNotFoundError`` / :class:`BadImage` / anything) to have the sample skipped and counted.
-    ``workers > 0`` loads images in a process pool (``load`` must then be picklable). ``params`` are the options
+    ``workers > 0`` loads images in a process pool (``load`` must then be picklable); a caller writing several
+    outputs can pass its own ``multiprocessing`` ``pool`` instead. ``params`` are the options
     that shape the output; together with the task list they form the fingerprint that makes reruns skip.
     """
     t0 = time.perf_counter()
@@ -259,7 +261,8 @@ def write_shards(
         records.append(rec or {})
     resumed = len(todo) < len(chunks)
 
-    pool = _make_pool(workers) if workers > 0 and todo else None
+    own_pool = _make_pool(workers) if pool is None and workers > 0 and todo else None
+    pool = pool or own_pool
     bar = tqdm(
         total=sum(len(chunks[i]) for i in todo),
         desc=desc or source,
@@ -273,9 +276,9 @@ def write_shards(
             records[i] = _write_chunk(out, i, chunks[i], load, fingerprint, source, pool, bar)
     finally:
         bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+        if own_pool is not None:
+            own_pool.close()
+            own_pool.join()
 
     stats = _aggregate(records, source, fingerprint, extra_stats)
     _atomic_write_json(out / STATS_FILE, stats)

@@ -1,0 +1,648 @@
+"""``ZeroVLDataModule``: several webdataset sources → one stream of training batches, resumable mid-epoch.
+
+Wiring only: per-source streams and bad-sample counting live in ``shards.py``, the choice of source per step
+in ``sampling.py`` (its docstring explains how ranks and workers split the work), augmentations in
+``transforms.py``.
+
+What comes out (``docs/CONTRACTS.md``):
+
+- ``train_dataloader()`` yields ``dict(image=FloatTensor[B,3,H,W], text=LongTensor[B,L], key=list[str],
+  source=list[str], caption=list[str], bad_counts=dict[str,int])`` with ``B = batch_size`` per rank per
+  optimizer step. ``bad_counts`` holds this rank's *cumulative* skipped-sample counts as ``{"<source>/<kind>":
+  n}`` (non-zero entries; kinds in ``shards.BAD_KINDS``); summed over ranks it is the run's total.
+  ``len(loader)`` is ``steps_per_epoch``.
+- :meth:`ZeroVLDataModule.bad_sample_counts` gives the same counts as ``{source: {kind: n}}``; with
+  ``sync=True`` (a collective: call it on every rank) summed over ranks.
+- :meth:`state_dict` / :meth:`load_state_dict` (Lightning calls them when it saves/restores a checkpoint) hold
+  the sampling state of every rank: epoch, steps consumed, each worker lane's position in each source, bad
+  counts. Under DDP ``state_dict`` gathers the ranks' states (collective — Lightning calls it on every rank).
+
+How the loader knows what training consumed: each batch carries a private ``_stream`` record (epoch, step,
+lane, positions, bad-count deltas). When the DataModule is attached to a Trainer, its
+``on_before_batch_transfer`` hook (called once per batch that reaches ``training_step``) records and removes
+it, so a checkpoint taken after step k holds exactly the state after k batches, whatever the Trainer
+prefetched. Without a Trainer, the loader records each batch as it yields it. Do not override
+``on_before_batch_transfer`` in the LightningModule (Lightning would warn and still call this one).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .sampling import SourceSampler, source_probabilities
+from .shards import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    SlotStream,
+    SourceInfo,
+    decode_sample,
+    derive_seed,
+    new_counts,
+    slot_capacities,
+)
+from .transforms import TokenAugment, build_eval_transform, build_train_transform
+
+log = logging.getLogger(__name__)
+
+_SOURCE_KEYS = {"path", "urls", "weight", "num_samples"}
+STATE_VERSION = 1
+
+
+def _to_container(obj: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+def _default_tokenizer() -> Any:
+    import open_clip
+
+    log.warning("ZeroVLDataModule: no tokenizer given, using open_clip's default CLIP tokenizer")
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+# ------------------------------------------------------------------------------------------- worker-side
+# stream
+
+
+class ZeroVLStream(IterableDataset):
+    """This rank's training batches for one epoch; each dataloader worker produces the steps of its lane.
+
+    Worker ``i`` of ``W`` produces steps ``start + i, start + i + W, …`` (lane ``(start + i) mod W``), so the
+    DataLoader's round-robin order over workers is step order, also after a resume at any ``start``.
+    """
+
+    def __init__(
+        self,
+        infos: Sequence[SourceInfo],
+        splits: Sequence[str],
+        sampler: SourceSampler,
+        *,
+        rank: int,
+        tokenizer: Any,
+        transform: Any,
+        text_augment: TokenAugment | None,
+        shuffle_buffer: int,
+        max_image_pixels: int,
+        draft_size: int | None,
+    ) -> None:
+        super().__init__()
+        self.infos, self.splits, self.sampler, self.rank = list(infos), list(splits), sampler, rank
+        self.tokenizer, self.transform, self.text_augment = tokenizer, transform, text_augment
+        self.shuffle_buffer, self.max_image_pixels, self.draft_size = (
+            shuffle_buffer,
+            max_image_pixels,
+            draft_size,
+        )
+        self.epoch = 0
+        self.start_step = 0
+        self.start_positions: dict[int, dict[str, int]] = {}  # lane -> source -> raw position at start_step
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch start (through the loader's ``dataset``)."""
+        self.epoch = int(epoch)
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if nw != self.sampler.lanes:
+            raise RuntimeError(
+                f"ZeroVLStream built for {self.sampler.lanes} worker lanes runs with {nw} workers"
+            )
+        return wid, nw
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, nw = self._worker()
+        sampler, epoch, start, B = self.sampler, self.epoch, self.start_step, self.sampler.batch_size
+        lane = (start + wid) % nw
+        steps = range(start + wid, sampler.steps_per_epoch, nw)
+        if len(steps) == 0:
+            return
+        plan = sampler.lane_sources(epoch, self.rank, lane)
+        names = [i.name for i in self.infos]
+        start_pos = self.start_positions.get(lane, {})
+        streams: dict[int, SlotStream] = {}
+        reported = {n: new_counts() for n in names}
+
+        def stream(k: int) -> SlotStream:
+            if k not in streams:
+                s = SlotStream(
+                    self.infos[k],
+                    slot=self.rank * nw + lane,
+                    num_slots=sampler.world_size * nw,
+                    epoch=epoch,
+                    seed=sampler.seed,
+                    split=self.splits[k],
+                    resampled=sampler.resampled,
+                    shuffle_buffer=self.shuffle_buffer,
+                )
+                s.skip(start_pos.get(names[k], 0))
+                streams[k] = s
+            return streams[k]
+
+        def good(k: int) -> tuple[Any, str, str]:
+            s = stream(k)
+            for _ in range(max(1000, 100 * B)):
+                raw = s.next_raw()
+                out = decode_sample(
+                    raw, s.counter, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size
+                )
+                if out is not None:
+                    return out[0], out[1], raw["__key__"]
+            raise RuntimeError(
+                f"source {names[k]!r}: no usable sample in {max(1000, 100 * B)} consecutive reads"
+            )
+
+        for s_idx in steps:
+            row = plan[(s_idx - lane) // nw]
+            srcs = np.full(B, row) if np.ndim(row) == 0 else row
+            images, captions, keys, labels = [], [], [], []
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(sampler.seed, epoch, s_idx, self.rank, "image"))
+                for k in srcs:
+                    img, caption, key = good(int(k))
+                    images.append(self.transform(img))
+                    captions.append(caption)
+                    keys.append(key)
+                    labels.append(names[int(k)])
+            text = self.tokenizer(captions)
+            if self.text_augment is not None:
+                gen = torch.Generator().manual_seed(
+                    derive_seed(sampler.seed, epoch, s_idx, self.rank, "text")
+                )
+                text = self.text_augment(text, gen)
+            if s_idx + nw >= sampler.steps_per_epoch and not sampler.resampled:
+                self._drain(stream, names, B)
+            bad: dict[str, dict[str, int]] = {}
+            for k, st in streams.items():
+                delta = {kind: n - reported[names[k]][kind] for kind, n in st.counter.counts.items()}
+                delta = {kind: d for kind, d in delta.items() if d}
+                if delta:
+                    bad[names[k]] = delta
+                    reported[names[k]] = dict(st.counter.counts)
+            positions = {n: start_pos.get(n, 0) for n in names}
+            positions.update({names[k]: st.position for k, st in streams.items()})
+            yield {
+                "image": torch.stack(images),
+                "text": text,
+                "key": keys,
+                "source": labels,
+                "caption": captions,
+                "_stream": {"epoch": epoch, "step": s_idx, "lane": lane, "positions": positions, "bad": bad},
+            }
+
+    def _drain(self, stream: Any, names: list[str], B: int) -> None:
+        """End of a one-pass epoch: read this slot's ragged remainder of every source so its bad samples
+        count."""
+        for k in range(len(names)):
+            s = stream(k)
+            for raw in s.drain(limit=4 * B):
+                decode_sample(
+                    raw, s.counter, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size
+                )
+
+
+# -----------------------------------------------------------------------------------------------
+# main-process side
+
+
+class _Tracker:
+    """What training consumed on this rank: epoch, steps, lane positions, cumulative bad counts."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.step = 0
+        self.positions: dict[int, dict[str, int]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def observe(self, batch: dict[str, Any]) -> dict[str, Any]:
+        st = batch.pop("_stream", None)
+        if st is None:
+            return batch
+        if st["epoch"] != self.epoch:
+            self.epoch, self.positions = st["epoch"], {}
+        self.step = st["step"] + 1
+        self.positions[st["lane"]] = dict(st["positions"])
+        for src, delta in st["bad"].items():
+            c = self.counts.setdefault(src, {})
+            for kind, n in delta.items():
+                c[kind] = c.get(kind, 0) + n
+        batch["bad_counts"] = self.flat_counts()
+        return batch
+
+    def flat_counts(self) -> dict[str, int]:
+        return {f"{s}/{k}": n for s, c in self.counts.items() for k, n in c.items() if n}
+
+    def local_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "positions": copy.deepcopy(self.positions),
+            "bad_counts": copy.deepcopy(self.counts),
+        }
+
+
+class ZeroVLLoader(DataLoader):
+    """DataLoader over :class:`ZeroVLStream` with ``len() == steps_per_epoch`` and resume/epoch
+    bookkeeping."""
+
+    def __init__(self, datamodule: ZeroVLDataModule, stream: ZeroVLStream, **kwargs: Any) -> None:
+        super().__init__(stream, batch_size=None, persistent_workers=False, **kwargs)
+        self._dm = datamodule
+
+    def __len__(self) -> int:
+        return self.dataset.sampler.steps_per_epoch  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        dm, stream = self._dm, self.dataset
+        assert isinstance(stream, ZeroVLStream)
+        dm._prepare_epoch(stream)
+        observe_here = dm.trainer is None
+        it = super().__iter__()
+        for batch in it:
+            yield dm._tracker.observe(batch) if observe_here else batch
+        dm._epoch_done(stream)
+
+
+class ZeroVLDataModule(LightningDataModule):
+    """Multi-source webdataset training data with ZeroVL's debiased sampling (see the module docstring).
+
+    Args:
+        sources: ``{name: {path | urls, weight?, num_samples?}}`` (or ``{name: path}``); ``path``/``urls`` is
+        a
+            shard dir, glob, brace pattern or list. Checked at construction: a missing path is an error here.
+        sampling: ``debias`` (one source per global batch), ``shuffle`` (mixed) or ``sequential``.
+        weights: ``size`` (∝ num_samples, from ``stats.json`` or the shards), ``uniform``, ``explicit``
+        (per-source
+            ``weight``), or a ``{name: weight}`` mapping.
+        batch_size: samples per rank per optimizer step (global batch = batch_size × world size).
+        num_workers: dataloader workers per rank (each produces every ``num_workers``-th step).
+        steps_per_epoch: epoch length; default one pass (non-resampled) or Σ num_samples / global batch.
+        resampled: draw shards with replacement (endless per-slot streams; for large corpora).
+        seed: sampling seed (source plan, shard orders, shuffle buffers, augmentation).
+        image_size: overrides the model's ``preprocess_cfg`` size.
+        auto_augment / crop_scale: ZeroVL's train transform (AutoAugment on, RandomResizedCrop scale 0.6–1).
+        text_augment: ZeroVL's word-piece masking/replacement/deletion on the token ids.
+        shuffle_buffer: samples in each stream's seeded shuffle buffer.
+        split: ``shard`` | ``sample`` | ``auto`` — how a source is divided among rank × worker slots
+        (``auto``:
+            by shard when that loses < 2% of an epoch, else by sample).
+        order: source order for ``sequential`` (default: as given).
+        max_image_pixels: decompression-bomb guard (width × height).
+        jpeg_draft: let libjpeg decode big JPEGs at a reduced scale that still covers 1.5 × image_size.
+        tokenizer / preprocess_cfg: from the model (``train.py`` passes ``model.tokenizer``,
+            ``model.preprocess_cfg``).
+        world_size / rank: override the distributed setup (tests; normally from the Trainer or
+        torch.distributed).
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, Any],
+        sampling: str = "debias",
+        weights: str | Mapping[str, float] = "size",
+        batch_size: int = 64,
+        num_workers: int = 2,
+        steps_per_epoch: int | None = None,
+        resampled: bool = False,
+        seed: int = 0,
+        image_size: int | None = None,
+        auto_augment: bool = True,
+        crop_scale: Sequence[float] = (0.6, 1.0),
+        text_augment: bool = False,
+        shuffle_buffer: int = 1000,
+        split: str = "auto",
+        order: Sequence[str] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        jpeg_draft: bool = True,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        tokenizer: Any = None,
+        preprocess_cfg: Mapping[str, Any] | None = None,
+        world_size: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        sources = _to_container(sources)
+        weights = _to_container(weights)
+        if not isinstance(sources, Mapping) or not sources:
+            raise ValueError("ZeroVLDataModule needs at least one source: sources={name: {path: ...}}")
+        if sampling not in ("debias", "shuffle", "sequential"):
+            raise ValueError(f"sampling must be debias, shuffle or sequential, got {sampling!r}")
+        if split not in ("auto", "shard", "sample"):
+            raise ValueError(f"split must be auto, shard or sample, got {split!r}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size}, {num_workers}")
+        self.source_cfgs: dict[str, dict[str, Any]] = {}
+        for name, cfg in sources.items():
+            cfg = {"path": cfg} if isinstance(cfg, (str, list, os.PathLike)) else dict(cfg or {})
+            unknown = set(cfg) - _SOURCE_KEYS
+            if unknown:
+                raise ValueError(
+                    f"source {name!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SOURCE_KEYS)}"
+                )
+            if ("path" in cfg) == ("urls" in cfg):
+                raise ValueError(f"source {name!r}: give exactly one of `path` or `urls`")
+            self.source_cfgs[str(name)] = cfg
+        if isinstance(weights, Mapping):
+            unknown = set(weights) - set(self.source_cfgs)
+            if unknown:
+                raise ValueError(
+                    f"weights name unknown source(s) {sorted(unknown)}; sources: {list(self.source_cfgs)}"
+                )
+            for name, cfg in self.source_cfgs.items():
+                cfg["weight"] = float(weights.get(name, 0.0))
+            weights = "explicit"
+        if weights not in ("size", "uniform", "explicit"):
+            raise ValueError(f"weights must be size, uniform, explicit or a mapping, got {weights!r}")
+        if order is not None:
+            unknown = set(order) - set(self.source_cfgs)
+            if unknown:
+                raise ValueError(
+                    f"order names unknown source(s) {sorted(unknown)}; sources: {list(self.source_cfgs)}"
+                )
+        self.sampling, self.weights, self.batch_size, self.num_workers = (
+            sampling,
+            weights,
+            batch_size,
+            num_workers,
+        )
+        self.steps_per_epoch_cfg, self.resampled, self.seed = steps_per_epoch, resampled, int(seed)
+        self.split, self.order, self.shuffle_buffer = split, list(order) if order else None, shuffle_buffer
+        self.max_image_pixels, self.pin_memory, self.prefetch_factor = (
+            max_image_pixels,
+            pin_memory,
+            prefetch_factor,
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+        self.preprocess_cfg = dict(preprocess_cfg) if preprocess_cfg is not None else {}
+        self.image_size = int(image_size) if image_size is not None else None
+        self.train_transform = build_train_transform(
+            self.preprocess_cfg, self.image_size, scale=tuple(crop_scale), auto_augment=auto_augment
+        )
+        self.eval_transform = build_eval_transform(self.preprocess_cfg, self.image_size)
+        size = self.train_transform.transforms[0].size[0]
+        self.draft_size = math.ceil(1.5 * size) if jpeg_draft else None
+        self.text_augment = TokenAugment.from_tokenizer(self.tokenizer) if text_augment else None
+        self._world_override, self._rank_override = world_size, rank
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked workers
+        # Fail before training: every shard path must exist (and the counts must be known).
+        self.infos = [
+            SourceInfo.build(
+                name,
+                cfg.get("path", cfg.get("urls")),
+                num_samples=cfg.get("num_samples"),
+                weight=cfg.get("weight"),
+                scan=not resampled,
+            )
+            for name, cfg in self.source_cfgs.items()
+        ]
+        self.probs = source_probabilities(
+            [i.num_samples for i in self.infos], self.weights, [i.weight for i in self.infos]
+        )
+        self.sampler: SourceSampler | None = None
+        self.splits: list[str] = []
+        self.rank, self.world_size = 0, 1
+        self._stream: ZeroVLStream | None = None
+        self._tracker = _Tracker()
+        self._resume: dict[str, Any] | None = None
+
+    # --------------------------------------------------------------------------------------------- set-up
+
+    @property
+    def lanes(self) -> int:
+        return max(1, self.num_workers)
+
+    def _resolve_world(self) -> tuple[int, int]:
+        if self._world_override is not None:
+            return int(self._rank_override or 0), int(self._world_override)
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _choose_split(self, info: SourceInfo, slots: int) -> str:
+        if self.resampled:
+            return "shard"
+        if self.split != "auto":
+            return self.split
+        if len(info.urls) < slots:
+            return "sample"
+        B, R, W = self.batch_size, self.world_size, self.lanes
+
+        def usable(split: str) -> int:
+            caps = slot_capacities(info.shard_sizes or [], slots, split).reshape(R, W)
+            return int((caps.min(axis=0) // B).sum())
+
+        return "shard" if usable("shard") >= 0.98 * usable("sample") else "sample"
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage not in (None, "fit") or self.sampler is not None:
+            return
+        self.rank, self.world_size = self._resolve_world()
+        R, W = self.world_size, self.lanes
+        self.splits = [self._choose_split(i, R * W) for i in self.infos]
+        caps = None
+        if not self.resampled:
+            caps = np.stack(
+                [
+                    slot_capacities(i.shard_sizes or [], R * W, s).reshape(R, W)
+                    for i, s in zip(self.infos, self.splits)
+                ]
+            )
+        self.sampler = SourceSampler(
+            [i.name for i in self.infos],
+            self.probs,
+            sizes=[i.num_samples for i in self.infos],
+            capacities=caps,
+            mode=self.sampling,
+            resampled=self.resampled,
+            batch_size=self.batch_size,
+            world_size=R,
+            lanes=W,
+            seed=self.seed,
+            steps_per_epoch=self.steps_per_epoch_cfg,
+            size_weighted=self.weights == "size",
+            order=self.order,
+        )
+        if self.rank == 0:
+            log.info(
+                "%s; splits: %s",
+                self.sampler.describe(),
+                dict(zip([i.name for i in self.infos], self.splits)),
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        self.setup("fit")
+        assert self.sampler is not None
+        return self.sampler.steps_per_epoch
+
+    def train_dataloader(self) -> ZeroVLLoader:
+        self.setup("fit")
+        assert self.sampler is not None
+        self._stream = ZeroVLStream(
+            self.infos,
+            self.splits,
+            self.sampler,
+            rank=self.rank,
+            tokenizer=self.tokenizer,
+            transform=self.train_transform,
+            text_augment=self.text_augment,
+            shuffle_buffer=self.shuffle_buffer,
+            max_image_pixels=self.max_image_pixels,
+            draft_size=self.draft_size,
+        )
+        self._stream.epoch = self._tracker.epoch
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return ZeroVLLoader(self, self._stream, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- epoch
+    # bookkeeping
+
+    def _prepare_epoch(self, stream: ZeroVLStream) -> None:
+        """Before iterating an epoch: start at step 0, or mid-epoch from a restored state."""
+        stream.start_step, stream.start_positions = 0, {}
+        self._tracker.epoch, self._tracker.step, self._tracker.positions = stream.epoch, 0, {}
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return
+        if resume["epoch"] != stream.epoch:
+            if stream.epoch < resume["epoch"]:
+                log.warning(
+                    "restored sampling state is for epoch %d, loader runs epoch %d",
+                    resume["epoch"],
+                    stream.epoch,
+                )
+            return
+        step = int(resume["step"])
+        if step == 0:
+            return
+        stream.start_step = step
+        if resume.get("exact", True):
+            stream.start_positions = {int(k): dict(v) for k, v in resume["positions"].items()}
+        self._tracker.epoch, self._tracker.step = stream.epoch, step
+        self._tracker.positions = copy.deepcopy(stream.start_positions)
+        if self.rank == 0:
+            log.info("resuming sampling at epoch %d step %d", stream.epoch, step)
+
+    def _epoch_done(self, stream: ZeroVLStream) -> None:
+        """A full pass ended: the next ``iter()`` runs the next epoch unless Lightning sets one."""
+        stream.epoch += 1
+        if self._tracker.counts:
+            log.warning("rank %d: bad samples skipped so far: %s", self.rank, self._tracker.flat_counts())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "_stream" in batch:
+            return self._tracker.observe(batch)
+        return batch
+
+    # ------------------------------------------------------------------------------------------- counts &
+    # state
+
+    def bad_sample_counts(self, sync: bool = False) -> dict[str, dict[str, int]]:
+        """Skipped samples per source and kind (non-zero only): this rank's, or all ranks' with
+        ``sync=True``."""
+        local = copy.deepcopy(self._tracker.counts)
+        parts = self._all_gather(local) if sync else [local]
+        total: dict[str, dict[str, int]] = {}
+        for part in parts:
+            for src, c in part.items():
+                for kind, n in c.items():
+                    if n:
+                        total.setdefault(src, {})[kind] = total.get(src, {}).get(kind, 0) + n
+        return total
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _fingerprint(self) -> dict[str, Any]:
+        assert self.sampler is not None
+        return {
+            "sources": [i.name for i in self.infos],
+            "num_samples": [i.num_samples for i in self.infos],
+            "num_shards": [len(i.urls) for i in self.infos],
+            "splits": self.splits,
+            "sampling": self.sampling,
+            "resampled": self.resampled,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "lanes": self.lanes,
+            "seed": self.seed,
+            "steps_per_epoch": self.sampler.steps_per_epoch,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampling state of all ranks (gathered under DDP — a collective, as in Lightning's
+        checkpointing)."""
+        if self.sampler is None:
+            return {}
+        local = self._tracker.local_state()
+        if self._tracker.step == 0 and self._stream is not None:
+            local["epoch"] = self._stream.epoch
+        ranks = self._all_gather(local)
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "epoch": local["epoch"],
+            "step": local["step"],
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the sampling state; the next epoch iterated resumes after the last consumed step."""
+        if not state_dict:
+            return
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported ZeroVLDataModule state version {state_dict.get('version')}")
+        self.setup("fit")
+        ranks = state_dict["ranks"]
+        exact = state_dict["fingerprint"] == self._fingerprint() and len(ranks) == self.world_size
+        if not exact:
+            log.warning(
+                "data configuration changed since the checkpoint (%s → %s): resuming at epoch %d step %d "
+                "without "
+                "exact stream positions",
+                state_dict["fingerprint"],
+                self._fingerprint(),
+                state_dict["epoch"],
+                state_dict["step"],
+            )
+        mine = ranks[self.rank] if self.rank < len(ranks) else {"positions": {}, "bad_counts": {}}
+        assert self.sampler is not None
+        epoch, step = int(state_dict["epoch"]), int(state_dict["step"])
+        if step >= self.sampler.steps_per_epoch:  # saved at the end of an epoch: continue with the next one
+            epoch, step = epoch + 1, 0
+        self._tracker = _Tracker()
+        self._tracker.epoch, self._tracker.step = epoch, step
+        self._tracker.counts = copy.deepcopy(mine["bad_counts"]) if exact else {}
+        self._resume = {
+            "epoch": epoch,
+            "step": step,
+            "positions": mine["positions"] if exact else {},
+            "exact": exact,
+        }
+        if self._stream is not None:
+            self._stream.epoch = epoch

@@ -1,0 +1,520 @@
+"""One source's webdataset stream: shard lists, raw-sample streams per slot, decoding and bad-sample counting.
+
+A *source* is one dataset (CC3M, SBU, a demo folder) stored as webdataset tars (``docs/CONTRACTS.md``). This
+module knows nothing about other sources or about how steps pick sources (``sampling.py``); it provides:
+
+- :func:`expand_shards` / :class:`SourceInfo`: a dir, glob, brace pattern or list → the ordered shard list,
+  checked *before* training (a missing path is a clear error at construction, not a hang in a worker), plus
+  the per-shard sample counts that give exact epochs (``stats.json`` ``shard_sizes`` when present, else a
+  header-only tar scan).
+- :class:`SlotStream`: the raw samples one (rank, worker) *slot* reads from the source in one epoch, built
+  from webdataset stages (``SimpleShardList`` / ``ResampledShards`` → ``tarfile_to_samples(handler=...)`` →
+  seeded ``shuffle``), deterministic from ``(seed, epoch, source, slot)`` so that a position (raw samples
+  consumed) is all it takes to resume: :meth:`SlotStream.skip` replays the tar reading without decoding
+  anything.
+- :func:`decode_sample`: caption/image validation and decoding (PIL, decompression-bomb guard, JPEG draft
+  mode).
+- :class:`BadSampleCounter`: the skip-and-count handler. Every bad input is skipped and counted once, per
+  kind:
+
+  ====================  ===========================================================================
+  ``missing_image``     no ``jpg/jpeg/png/webp`` member for the key
+  ``missing_caption``   no ``txt`` member
+  ``bad_text_encoding`` ``txt`` is not UTF-8
+  ``empty_caption``     ``txt`` is empty or whitespace
+  ``corrupt_image``     PIL cannot identify or fully decode the image (truncated or garbage bytes)
+  ``image_too_large``   width × height above ``max_image_pixels`` (decompression bomb; header only)
+  ``truncated_tar``     a tar that ends inside a member (counted once per shard and pass)
+  ``empty_shard``       a zero-byte shard
+  ``unreadable_shard``  a shard that cannot be opened at run time (deleted after setup, permissions)
+  ``tar_error``         any other error of the tar reader (e.g. a duplicate member name)
+  ====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+BAD_KINDS = (
+    "missing_image",
+    "missing_caption",
+    "bad_text_encoding",
+    "empty_caption",
+    "corrupt_image",
+    "image_too_large",
+    "truncated_tar",
+    "empty_shard",
+    "unreadable_shard",
+    "tar_error",
+)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb threshold (~9459²)
+_REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
+
+
+def is_remote(url: str) -> bool:
+    return bool(_REMOTE.match(url))
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+# ------------------------------------------------------------------------------------------------- shard
+# lists
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], *, source: str = "?") -> list[str]:
+    """Expand a dir / glob / brace pattern / list of those into an ordered, de-duplicated shard list.
+
+    Local paths must exist (the error names the source and the first missing paths); remote URLs (``pipe:``,
+    ``s3://``, ``https://``) are taken as given.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise ValueError(f"source {source!r}: empty shard list")
+    urls: list[str] = []
+    for item in specs:
+        s = os.fspath(item)
+        if is_remote(s) and not s.startswith("file://"):
+            urls.extend(braceexpand.braceexpand(s))
+            continue
+        s = os.path.expanduser(_local_path(s))
+        if os.path.isdir(s):
+            found = sorted(str(p) for p in Path(s).glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"source {source!r}: no *.tar shards in directory {s}")
+            urls.extend(found)
+        elif any(c in s for c in "*?["):
+            found = sorted(globlib.glob(s))
+            if not found:
+                raise FileNotFoundError(f"source {source!r}: no shards match {s}")
+            urls.extend(found)
+        else:
+            expanded = list(braceexpand.braceexpand(s))
+            missing = [p for p in expanded if not os.path.exists(p)]
+            if missing:
+                more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+                raise FileNotFoundError(
+                    f"source {source!r}: shard path(s) not found: {', '.join(missing[:3])}{more}"
+                    + (_DEMO_HINT if "/demo/" in s else "")
+                )
+            urls.extend(expanded)
+    return list(dict.fromkeys(urls))
+
+
+_DEMO_HINT = " — build the demo shards first: `zerovl-data demo` (make train does it)"
+
+
+def read_stats(urls: Sequence[str], spec: Any = None) -> dict[str, Any] | None:
+    """``stats.json`` next to the shards (the writers' per-source summary), or None when there is none."""
+    candidates: list[str] = []
+    if isinstance(spec, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(os.fspath(spec))):
+        candidates.append(os.path.join(os.path.expanduser(os.fspath(spec)), "stats.json"))
+    if urls and not is_remote(urls[0]):
+        candidates.append(os.path.join(os.path.dirname(_local_path(urls[0])), "stats.json"))
+    for c in candidates:
+        if os.path.isfile(c):
+            with open(c, encoding="utf-8") as f:
+                return json.load(f)
+    return None
+
+
+def scan_tar(path: str) -> int:
+    """Count the samples a streaming read of ``path`` yields, reading tar headers only (seeks over the data).
+
+    Mirrors webdataset's grouping (consecutive members with the same key, ``__meta__`` files skipped) and
+    stops where a streaming read would: at the first member whose data the file does not fully contain.
+    """
+    path = _local_path(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    count, current = 0, None
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            while True:
+                try:
+                    member = tf.next()
+                except (tarfile.TarError, EOFError, OSError):
+                    break
+                if member is None:
+                    break
+                if member.offset_data + member.size > size:
+                    break
+                if not member.isreg():
+                    continue
+                name = member.name
+                if "/" not in name and name.startswith("__") and name.endswith("__"):
+                    continue
+                prefix, _ = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                if prefix != current:
+                    count += 1
+                    current = prefix
+    except (tarfile.TarError, EOFError, OSError):
+        pass
+    return count
+
+
+def _shard_sizes_from_stats(stats: Mapping[str, Any] | None, urls: Sequence[str]) -> list[int] | None:
+    """Per-shard counts from ``stats.json``: the writers' ``shards: [{file, num_samples}]``, or
+    ``shard_sizes`` ({file name: n} or a list aligned with the shards); None when they do not cover every
+    shard."""
+    if not stats:
+        return None
+    names = [os.path.basename(u) for u in urls]
+    sizes: Any = stats.get("shard_sizes")
+    if isinstance(stats.get("shards"), Sequence):
+        sizes = {os.path.basename(str(s.get("file", ""))): s.get("num_samples") for s in stats["shards"]}
+    if isinstance(sizes, Mapping):
+        if all(isinstance(sizes.get(n), int) for n in names):
+            return [int(sizes[n]) for n in names]
+    elif isinstance(sizes, Sequence) and len(sizes) == len(urls):
+        return [int(n) for n in sizes]
+    return None
+
+
+@dataclass
+class SourceInfo:
+    """Everything the sampler needs to know about one source before training."""
+
+    name: str
+    urls: list[str]
+    num_samples: int
+    shard_sizes: list[int] | None  # raw samples per shard; None when unknown (remote without stats)
+    weight: float | None = None
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        spec: Any,
+        *,
+        num_samples: int | None = None,
+        weight: float | None = None,
+        scan: bool = True,
+    ) -> SourceInfo:
+        urls = expand_shards(spec, source=name)
+        stats = read_stats(urls, spec)
+        sizes = _shard_sizes_from_stats(stats, urls)
+        if sizes is None and scan and not any(is_remote(u) for u in urls):
+            if len(urls) > 200:
+                log.info(
+                    "source %s: scanning %d shards for sample counts (add shard_sizes to stats.json)",
+                    name,
+                    len(urls),
+                )
+            sizes = [scan_tar(u) for u in urls]
+        if num_samples is None:
+            if stats and "num_samples" in stats:
+                num_samples = int(stats["num_samples"])
+            elif sizes is not None:
+                num_samples = int(sum(sizes))
+            else:
+                raise ValueError(
+                    f"source {name!r}: number of samples unknown — give num_samples or a stats.json next to "
+                    "the shards"
+                )
+        if sizes is None:  # remote shards without per-shard counts: assume equal shards
+            per, extra = divmod(num_samples, len(urls))
+            sizes = [per + (i < extra) for i in range(len(urls))]
+        return cls(name=name, urls=urls, num_samples=int(num_samples), shard_sizes=sizes, weight=weight)
+
+
+# ------------------------------------------------------------------------------------------- bad samples
+
+
+def new_counts() -> dict[str, int]:
+    return dict.fromkeys(BAD_KINDS, 0)
+
+
+_FILEOBJ_NAME = re.compile(r"name=['\"](.*?)['\"]")
+
+
+class BadSampleCounter:
+    """Skip-and-count handler for webdataset stages and for decoding.
+
+    ``handler`` is passed as ``tarfile_to_samples(handler=...)``: it classifies the exception, counts it and
+    returns True (continue). Shard-level errors are counted once per (shard, pass) and only by the slot that
+    *owns* the shard (``owns``), so that slots that all read a shard (sample-level split) do not count its
+    errors several times. ``muted`` suppresses counting while a resumed stream replays what was counted before
+    the checkpoint.
+    """
+
+    def __init__(self, urls: Sequence[str] = (), owns: Callable[[str], bool] | None = None) -> None:
+        self.counts = new_counts()
+        self.urls = frozenset(urls)
+        self.owns = owns or (lambda url: True)
+        self.muted = False
+        self._seen: set[tuple[str, str]] = set()
+        self._pending: str | None = None
+
+    def new_pass(self) -> None:
+        self._seen.clear()
+        self._pending = None
+
+    def add(self, kind: str, n: int = 1) -> None:
+        if not self.muted:
+            self.counts[kind] += n
+
+    def handler(self, exn: BaseException) -> bool:
+        args = getattr(exn, "args", ()) or ()
+        msg = str(args[0]) if args else str(exn)
+        if isinstance(exn, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            kind = "unreadable_shard"
+        elif isinstance(exn, tarfile.ReadError) and "empty file" in msg:
+            kind = "empty_shard"
+        elif isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end" in msg or "truncated" in msg:
+            kind = "truncated_tar"
+        else:
+            kind = "tar_error"
+        # webdataset appends the url to errors of the shard stages, and " @ <fileobj>" to errors inside a
+        # member
+        url = next((a for a in reversed(args) if isinstance(a, str) and a in self.urls), None)
+        if url is None:
+            m = _FILEOBJ_NAME.search(msg)
+            url = m.group(1) if m and m.group(1) in self.urls else None
+        if url is None:
+            if kind == "tar_error":
+                self.add(kind)
+            else:  # a member read failed: the outer read of the same tar fails next and names the shard
+                self._pending = kind
+            return True
+        if self._pending is not None:
+            kind, self._pending = self._pending, None
+        if (url, kind) not in self._seen:
+            self._seen.add((url, kind))
+            if self.owns(url):
+                self.add(kind)
+        return True
+
+
+def decode_sample(
+    raw: Mapping[str, Any],
+    counter: BadSampleCounter,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    draft_size: int | None = None,
+) -> tuple[Image.Image, str] | None:
+    """Validate one raw webdataset sample → (RGB PIL image, caption), or None after counting why it is bad.
+
+    Captions are checked first (cheap). The image size is checked from the header before any pixel is decoded,
+    so a 20000×20000 PNG costs a few kB of reading, not gigabytes of memory. ``draft_size`` lets libjpeg
+    decode at a reduced scale that still covers ``draft_size`` on both sides (a large speed-up for big JPEGs).
+    """
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        counter.add("missing_image")
+        return None
+    txt = raw.get("txt")
+    if txt is None:
+        counter.add("missing_caption")
+        return None
+    try:
+        caption = txt.decode("utf-8") if isinstance(txt, (bytes, bytearray)) else str(txt)
+    except UnicodeDecodeError:
+        counter.add("bad_text_encoding")
+        return None
+    caption = caption.strip()
+    if not caption:
+        counter.add("empty_caption")
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw[ext]))
+            w, h = img.size
+            if w * h > max_image_pixels:
+                counter.add("image_too_large")
+                return None
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img = img.convert("RGB")
+    except Image.DecompressionBombError:
+        counter.add("image_too_large")
+        return None
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
+        counter.add("corrupt_image")
+        return None
+    return img, caption
+
+
+# -------------------------------------------------------------------------------------------------- slot
+# streams
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of ints/strings, stable across processes (no Python ``hash``)."""
+    ints = [int.from_bytes(p.encode(), "little") % (2**63) if isinstance(p, str) else int(p) for p in parts]
+    return int(
+        np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> np.uint64(1)
+    )
+
+
+def slot_capacities(sizes: Sequence[int], num_slots: int, split: str) -> np.ndarray:
+    """Raw samples each slot reads in one pass: shard-level split deals shards, sample-level split deals
+    samples."""
+    caps = np.zeros(num_slots, dtype=np.int64)
+    if split == "shard":
+        for i, n in enumerate(sizes):
+            caps[i % num_slots] += n
+    elif split == "sample":
+        total = int(sum(sizes))
+        caps[:] = total // num_slots
+        caps[: total % num_slots] += 1
+    else:
+        raise ValueError(f"split must be 'shard' or 'sample', got {split!r}")
+    return caps
+
+
+class SlotStream:
+    """The raw samples of one source for one slot (rank × worker lane) in one epoch, with a position.
+
+    - ``split="shard"``: the slot reads shards ``i ≡ slot (mod num_slots)`` in an epoch-shuffled order.
+    - ``split="sample"``: every slot reads all shards in the same epoch-shuffled order through the same seeded
+      shuffle buffer and keeps raw samples ``j ≡ slot (mod num_slots)`` — balanced to ±1 sample whatever the
+      shard layout, at the cost of reading (not decoding) the source ``num_slots`` times; used for small
+      sources.
+    - ``resampled``: shards drawn with replacement (``wds.ResampledShards``), an endless stream per slot.
+
+    Non-resampled streams that run dry (only when bad samples or uneven shards leave a slot short of its
+    schedule) wrap into a fresh pass with a new shuffle; the position keeps counting across passes.
+    """
+
+    def __init__(
+        self,
+        info: SourceInfo,
+        *,
+        slot: int,
+        num_slots: int,
+        epoch: int,
+        seed: int,
+        split: str,
+        resampled: bool,
+        shuffle_buffer: int,
+    ) -> None:
+        self.info, self.slot, self.num_slots, self.epoch, self.seed = info, slot, num_slots, epoch, seed
+        self.split, self.resampled, self.shuffle_buffer = split, resampled, shuffle_buffer
+        self.position = 0  # raw samples handed out (bad ones included), across passes
+        self.passes = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._yielded_in_pass = 0
+        self._skipping = False
+        owner = {u: i % num_slots for i, u in enumerate(info.urls)}
+        shared = (
+            split == "sample" and not resampled
+        )  # every slot reads every shard: one of them counts its errors
+        self.counter = BadSampleCounter(info.urls, (lambda url: owner.get(url) == slot) if shared else None)
+
+    def _pipeline(self, pass_index: int) -> Iterator[dict[str, Any]]:
+        name, urls = self.info.name, self.info.urls
+        self.counter.new_pass()
+        if self.resampled:
+            shard_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "shards")
+            shards: Any = wds.ResampledShards(
+                urls, seed=shard_seed, worker_seed=lambda: 0, deterministic=True
+            )
+            buf_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "buffer")
+            take = None
+        else:
+            if self.split == "shard":
+                mine = [u for i, u in enumerate(urls) if i % self.num_slots == self.slot]
+                order_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "shards")
+                buf_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "buffer")
+                take = None
+            else:
+                mine = list(urls)
+                order_seed = derive_seed(self.seed, self.epoch, name, pass_index, "shards")
+                buf_seed = derive_seed(self.seed, self.epoch, name, pass_index, "buffer")
+                take = self.slot
+            if not mine:
+                return iter(())
+            random.Random(order_seed).shuffle(mine)
+            shards = wds.SimpleShardList(mine)
+        stages: list[Any] = [shards, wds.tarfile_to_samples(handler=self.counter.handler)]
+        if self.shuffle_buffer > 1:
+            stages.append(
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(buf_seed))
+            )
+        it: Iterator[dict[str, Any]] = iter(wds.DataPipeline(*stages))
+        if take is not None:
+            it = islice(it, take, None, self.num_slots)
+        return it
+
+    def next_raw(self) -> dict[str, Any]:
+        """Next raw sample (undecoded); wraps into a new pass when a finite stream ends."""
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._pipeline(self.passes)
+                self._yielded_in_pass = 0
+            try:
+                sample = next(self._it)
+            except StopIteration:
+                if self.resampled or self._yielded_in_pass == 0:
+                    break
+                self._it = None
+                self.passes += 1
+                self._update_mute()
+                continue
+            self.position += 1
+            self._yielded_in_pass += 1
+            return sample
+        raise RuntimeError(
+            f"source {self.info.name!r}: slot {self.slot}/{self.num_slots} has no readable samples "
+            f"(shards: {len(self.info.urls)}; all empty, truncated or unreadable?)"
+        )
+
+    def skip(self, n: int) -> None:
+        """Fast-forward ``n`` raw samples without decoding (resume); errors met on the way were counted before."""
+        self._skipping = True
+        self._update_mute()
+        try:
+            for _ in range(n):
+                self.next_raw()
+        finally:
+            self._skipping = False
+            self._update_mute()
+
+    def _update_mute(self) -> None:
+        # A wrapped pass of a one-pass epoch re-reads what the first pass counted: count each input once.
+        self.counter.muted = self._skipping or (self.passes > 0 and not self.resampled)
+
+    def drain(self, limit: int) -> list[dict[str, Any]]:
+        """The rest of the current pass when it holds at most ``limit`` raw samples, reading to the end of
+        the tars so errors at the end of the last shard are counted; [] (nothing read) when more remain or
+        resampled."""
+        if self.resampled or self.passes > 0:
+            return []
+        cap = int(slot_capacities(self.info.shard_sizes or [], self.num_slots, self.split)[self.slot])
+        if cap - self._yielded_in_pass > limit:
+            return []
+        if self._it is None:
+            self._it = self._pipeline(0)
+        rest = list(self._it)
+        self.position += len(rest)
+        self._yielded_in_pass += len(rest)
+        self._it = iter(())
+        return rest

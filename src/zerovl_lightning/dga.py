@@ -1,0 +1,192 @@
+"""Decoupled gradient accumulation (ZeroVL §4): the exact full-batch gradient at the memory of one sub-batch.
+
+One step over K sub-batches per rank (global batch N = W·K·b):
+
+1. Pass 1, no grad, train mode: encode every sub-batch, cache its embeddings (fp32) and the RNG state it
+   started from (CPU + the model's CUDA device; per rank — never a global reseed, which would correlate
+   dropout across ranks). Buffers changed by forward (BatchNorm running stats) are restored afterwards, so
+   only pass 2 updates them, once.
+2. Gather U, V [N, D] from all ranks (one collective); compute ∂L/∂u_loc, ∂L/∂v_loc in closed form
+   (:func:`~zerovl_lightning.loss.embedding_gradients`; the autograd oracle on request) and this rank's share
+   of ∂L/∂logit_scale.
+3. Pass 2, per sub-batch: restore its RNG state, encode with grad, back-propagate the surrogate
+   Σ⟨g_u, u⟩ + Σ⟨g_v, v⟩ (+ g_τ·logit_scale once), whose gradient is exactly the cached one. The surrogate
+   is a scalar so the caller's ``backward`` can be Lightning's ``manual_backward`` (AMP loss scaling
+   included).
+4. Under DDP: every rank now holds its additive share of ∂L/∂θ; one coalesced sum all-reduce (bucketed like
+   DDP's reducer, the loss share riding along) gives every rank the full gradient. The caller must keep
+   DDP's own reducer out of it (``DistributedDataParallel.no_sync()`` around the whole step): Lightning runs
+   ``training_step`` inside a single DDP forward, and DDP would otherwise all-reduce (average) after each of
+   the K backwards, mixing averaged and local gradients.
+
+Exact for any per-sample stochastic layer (dropout, drop-path, patch dropout) thanks to the RNG replay. Layers
+coupling samples in train mode (BatchNorm batch statistics) see sub-batches, so DGA is exact for the loss
+*with sub-batch statistics*, not for a full-batch BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerovl_lightning.distributed import WorldInfo, all_gather_no_grad, all_reduce_coalesced_, world_info
+from zerovl_lightning.loss import (
+    EmbeddingGrads,
+    SoftTargets,
+    embedding_gradients,
+    embedding_gradients_autograd,
+    to_fp32,
+)
+
+Encode = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RNGState:
+    """The generator states a sub-batch's forward draws from: CPU and (if any) one CUDA device."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+    device: torch.device | None = None
+
+    @classmethod
+    def capture(cls, device: torch.device | None = None) -> RNGState:
+        if device is not None and device.type == "cuda":
+            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device), device)
+        return cls(torch.get_rng_state())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@dataclass
+class DGAResult:
+    """``loss``: the full-batch loss with the step's targets (same value on every rank, detached)."""
+
+    loss: torch.Tensor
+    num_sub_batches: int
+    grads: EmbeddingGrads
+    num_all_reduces: int = 0
+
+
+def split_batch(batch: Mapping[str, Any], sub_batch_size: int) -> list[dict[str, Any]]:
+    """Split a batch dict along dim 0 into sub-batches of ``sub_batch_size`` (tensors and lists alike)."""
+    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
+    if len(sizes) != 1:
+        raise ValueError(f"batch fields disagree on the batch size: {sorted(sizes)}")
+    (size,) = sizes
+    if sub_batch_size <= 0 or size % sub_batch_size:
+        raise ValueError(f"sub-batch size {sub_batch_size} does not divide the batch size {size}")
+    return [
+        {
+            k: (v[i : i + sub_batch_size] if isinstance(v, (torch.Tensor, list, tuple)) else v)
+            for k, v in batch.items()
+        }
+        for i in range(0, size, sub_batch_size)
+    ]
+
+
+def _default_backward(tensor: torch.Tensor) -> None:
+    tensor.backward()
+
+
+class DecoupledStep:
+    """The two-pass DGA step; stateless between steps, so one instance serves the whole run.
+
+    Args:
+        closed_form: closed-form embedding gradients (fast path); False uses the autograd oracle.
+        replay_rng: restore each sub-batch's RNG state in pass 2 (False only to demonstrate why it matters).
+        sync_grads: under DDP, sum the gradient shares across ranks after pass 2 (one coalesced all-reduce).
+        bucket_mb: all-reduce bucket size, as DDP's ``bucket_cap_mb``.
+    """
+
+    def __init__(
+        self,
+        closed_form: bool = True,
+        replay_rng: bool = True,
+        sync_grads: bool = True,
+        bucket_mb: float = 25.0,
+    ) -> None:
+        self.closed_form = closed_form
+        self.replay_rng = replay_rng
+        self.sync_grads = sync_grads
+        self.bucket_bytes = int(bucket_mb * 2**20)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        encode: Encode,
+        sub_batches: Sequence[Any],
+        logit_scale: nn.Parameter,
+        targets: SoftTargets | None = None,
+        backward: Callable[[torch.Tensor], None] = _default_backward,
+        world: WorldInfo | None = None,
+    ) -> DGAResult:
+        """Accumulate ∂L/∂θ of the full-batch loss into ``.grad`` of ``model``'s parameters; return the loss.
+
+        ``encode(sub_batch) -> (u [b, D], v [b, D])`` unit embeddings with grad (mixup applied inside); called
+        twice per sub-batch. ``targets`` index the gathered batch: rank-major, then sub-batches in order.
+        Gradients must be zero (or None) on entry; ``logit_scale`` (log 1/τ) gets its gradient iff it
+        requires grad. ``backward`` receives one scalar per sub-batch.
+        """
+        world = world if world is not None else world_info()
+        device = logit_scale.device
+
+        # ---- pass 1: no graph, cache embeddings + RNG states
+        rng_states: list[RNGState] = []
+        image_cache, text_cache = [], []
+        buffers = [b.detach().clone() for b in model.buffers()]
+        with torch.no_grad():
+            for sub in sub_batches:
+                rng_states.append(RNGState.capture(device))
+                u, v = encode(sub)
+                image_cache.append(to_fp32(u))  # [b, D]
+                text_cache.append(to_fp32(v))
+        rng_after = RNGState.capture(device)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        sizes = [u.shape[0] for u in image_cache]
+        u_loc, v_loc = torch.cat(image_cache), torch.cat(text_cache)  # [n, D]
+        del image_cache, text_cache
+
+        # ---- gather + embedding gradients
+        uv_all = all_gather_no_grad(
+            torch.stack([u_loc, v_loc]).transpose(0, 1).contiguous(), world
+        )  # [N, 2, D]
+        u_all, v_all = uv_all[:, 0], uv_all[:, 1]  # [N, D]
+        offset = world.rank * u_loc.shape[0]
+        grad_fn = embedding_gradients if self.closed_form else embedding_gradients_autograd
+        grads = grad_fn(u_loc, v_loc, u_all, v_all, logit_scale.detach(), offset, targets, world)
+        del uv_all, u_all, v_all
+
+        # ---- pass 2: replay, forward with graph, back-propagate the cached gradients
+        g_image = grads.grad_image.split(sizes)
+        g_text = grads.grad_text.split(sizes)
+        for k, sub in enumerate(sub_batches):
+            if self.replay_rng:
+                rng_states[k].restore()
+            u, v = encode(sub)
+            surrogate = (to_fp32(u) * g_image[k]).sum() + (to_fp32(v) * g_text[k]).sum()
+            if k == 0 and logit_scale.requires_grad:
+                surrogate = surrogate + logit_scale * grads.grad_logit_scale.to(logit_scale.dtype)
+            backward(surrogate)
+            del u, v, surrogate
+        if self.replay_rng:
+            rng_after.restore()  # the stream continues as after one pass, whatever pass 2 drew
+
+        # ---- one sum all-reduce of the gradient shares (+ the loss share)
+        loss = grads.loss_share.detach().clone().reshape(1)
+        num_reduces = 0
+        if self.sync_grads and world.distributed:
+            tensors = [loss] + [p.grad for p in model.parameters() if p.grad is not None]
+            num_reduces = all_reduce_coalesced_(tensors, world, self.bucket_bytes)
+        elif world.distributed:
+            torch.distributed.all_reduce(loss, group=world.group)
+        return DGAResult(loss.reshape(()), len(sub_batches), grads, num_reduces)

@@ -1,14 +1,14 @@
 """A training run for the crash tests: ``python tests/crash_worker.py [hydra overrides...]``.
 
 Composes the real ``conf/`` (``train.yaml``) with the given overrides, resolves ``ckpt_path`` with
-:func:`zerovl_lightning.checkpointing.prepare_resume` and runs :func:`zerovl_lightning.train.run`, so the test
-exercises the shipped config groups, the real DataModule and the module's real step.
+:func:`zerovl_lightning.checkpointing.prepare_resume` and runs :func:`zerovl_lightning.train.run`, so the
+test exercises the shipped config groups, the real DataModule and the module's real step.
 
-:class:`Recorder` (added as a callback by :func:`overrides`) appends one line per optimizer step to RECORD_FILE:
-``<global_step> <loss as float.hex> <sample keys>`` — exact values, readable after a SIGKILL (each line is
-flushed). With ``ZEROVL_HOLD_AT_STEP=k`` in the environment it blocks after recording step k, so a test that
-kills the process at a random earlier step never races the end of training. At the end of training it saves
-the module's ``state_dict`` to ``OUT_DIR/final.pt``.
+:class:`Recorder` (added as a callback by :func:`overrides`) appends one line per optimizer step to its
+``path``: ``<global_step> <loss as float.hex> <sample keys>`` — exact values, readable after a SIGKILL (each
+line is flushed). With ``ZEROVL_HOLD_AT_STEP=k`` in the environment it blocks after recording step k, so a
+test that kills the process at a random earlier step never races the end of training. At the end of
+training it saves the module's ``state_dict`` to ``final``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class Recorder(L.Callback):
         self.path, self.final = path, final
         self.hold_at = int(os.environ.get("ZEROVL_HOLD_AT_STEP", "-1"))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         keys = ",".join(batch["key"])
         with open(self.path, "a", encoding="utf-8") as f:
@@ -43,8 +44,16 @@ class Recorder(L.Callback):
         torch.save(state, self.final)
 
 
-def overrides(out_dir: str | Path, record: str | Path, sources: Mapping[str, str], *, max_steps: int,
-              every_n_steps: int, keep: int = 2, extra: Sequence[str] = ()) -> list[str]:
+def overrides(
+    out_dir: str | Path,
+    record: str | Path,
+    sources: Mapping[str, str],
+    *,
+    max_steps: int,
+    every_n_steps: int,
+    keep: int = 2,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """Hydra overrides of a tiny CPU run on ``sources`` writing everything under ``out_dir``."""
     out = Path(out_dir)
     srcs = ",".join(f"{name}:{{path:'{path}'}}" for name, path in sources.items())
@@ -62,6 +71,7 @@ def overrides(out_dir: str | Path, record: str | Path, sources: Mapping[str, str
         "data.batch_size=8",
         "data.num_workers=2",
         "data.shuffle_buffer=16",
+        "data.image_size=32",
         f"trainer.max_steps={max_steps}",
         "trainer.max_epochs=1000",
         "trainer.log_every_n_steps=1",

@@ -50,20 +50,34 @@ def test_good_config_passes(tmp_path, shards):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"module.sub_batch_size": 3},
-         r"module.sub_batch_size=3 must be a positive divisor of data.batch_size=8 .*e.g. 8, 4, 2, 1"),
+        (
+            {"module.sub_batch_size": 3},
+            r"module.sub_batch_size=3 must be a positive divisor of data.batch_size=8 .*e.g. 8, 4, 2, 1",
+        ),
         ({"module.sub_batch_size": 16}, r"module.sub_batch_size=16 must be a positive divisor"),
         ({"module.sub_batch_size": 0}, r"module.sub_batch_size=0 must be positive"),
         ({"data.batch_size": 0}, r"data.batch_size=0 must be positive"),
         ({"data.batch_size": 7.5}, r"data.batch_size=7.5 must be an integer"),
-        ({"module.sub_batch_size": 4, "trainer.accumulate_grad_batches": 2},
-         r"trainer.accumulate_grad_batches=2 cannot be combined with module.sub_batch_size"),
-        ({"module.sub_batch_size": 4, "trainer.gradient_clip_val": 1.0},
-         r"trainer.gradient_clip_val=1.0 does not apply under DGA.*module.dga.gradient_clip_val"),
+        (
+            {"module.sub_batch_size": 4, "trainer.accumulate_grad_batches": 2},
+            r"trainer.accumulate_grad_batches=2 cannot be combined with module.sub_batch_size",
+        ),
+        (
+            {"module.sub_batch_size": 4, "trainer.gradient_clip_val": 1.0},
+            r"trainer.gradient_clip_val=1.0 does not apply under DGA.*module.dga.gradient_clip_val",
+        ),
         ({"data.num_workers": -1}, r"data.num_workers=-1 must be >= 0"),
     ],
-    ids=["sub-not-divisor", "sub-larger", "sub-zero", "batch-zero", "batch-float", "dga-accumulate",
-         "dga-clip", "workers"],
+    ids=[
+        "sub-not-divisor",
+        "sub-larger",
+        "sub-zero",
+        "batch-zero",
+        "batch-float",
+        "dga-accumulate",
+        "dga-clip",
+        "workers",
+    ],
 )
 def test_impossible_batches(tmp_path, shards, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -117,3 +131,20 @@ def test_missing_checkpoint(tmp_path, shards):
     with pytest.raises(ConfigError, match=r"ckpt_path=.*gone.ckpt does not exist"):
         validate_config(_cfg(tmp_path, shards, ckpt_path=str(tmp_path / "gone.ckpt")))
     validate_config(_cfg(tmp_path, shards, ckpt_path="last"))
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="zerovl_lightning.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_shipped_configs(tmp_path, monkeypatch):
+    """The real conf/: the demo data without built shards, and a paper experiment without sources."""
+    monkeypatch.setenv("ZEROVL_CACHE", str(tmp_path / "no-cache"))
+    paths = [f"paths.{k}={tmp_path}" for k in ("root_dir", "output_dir", "work_dir")]
+    with pytest.raises(ConfigError, match=r"data.sources.\w+.path=.*not found.*zerovl-data demo"):
+        validate_config(_compose(paths))
+    with pytest.raises(ConfigError, match=r"data.sources (is not set|is empty)"):
+        validate_config(_compose([*paths, "experiment=zerovl_14m"]))

@@ -19,8 +19,9 @@ NAN_STEP = 3
 class Tiny(L.LightningModule):
     """A linear regression whose loss (or one gradient) turns NaN at global step ``bad_step``."""
 
-    def __init__(self, bad_step: int | None = NAN_STEP, where: str = "loss", manual: bool = False,
-                 scale: float = 1.0) -> None:
+    def __init__(
+        self, bad_step: int | None = NAN_STEP, where: str = "loss", manual: bool = False, scale: float = 1.0
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(4, 2)
@@ -66,10 +67,19 @@ class Record(L.Callback):
 
 def _fit(module: L.LightningModule, guard: NonFiniteGuard, steps: int = 6, **kw) -> Record:
     rec = Record()
-    data = DataLoader(TensorDataset(torch.randn(4 * steps, 4, generator=torch.Generator().manual_seed(1))),
-                      batch_size=4)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[guard, rec], **kw)
+    data = DataLoader(
+        TensorDataset(torch.randn(4 * steps, 4, generator=torch.Generator().manual_seed(1))), batch_size=4
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard, rec],
+        **kw,
+    )
     trainer.fit(module, data)
     return rec
 
@@ -166,8 +176,13 @@ def test_ddp_ranks_skip_the_same_step(tmp_path):
     x = torch.randn(48, 4, generator=torch.Generator().manual_seed(1))
     data = DataLoader(TensorDataset(x), batch_size=4)
     trainer = L.Trainer(
-        max_steps=6, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=6,
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
         callbacks=[NonFiniteGuard(action="skip", check_grads=False), DumpGuard(str(tmp_path))],
     )

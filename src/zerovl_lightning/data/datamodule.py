@@ -16,6 +16,13 @@ What comes out (``docs/CONTRACTS.md``):
 - :meth:`state_dict` / :meth:`load_state_dict` (Lightning calls them when it saves/restores a checkpoint) hold
   the sampling state of every rank: epoch, steps consumed, each worker lane's position in each source, bad
   counts. Under DDP ``state_dict`` gathers the ranks' states (collective — Lightning calls it on every rank).
+  Resuming needs the same sources, batch size, world size and ``num_workers``; otherwise it warns and
+  continues from the saved step without exact stream positions.
+
+What the counts mean: in a one-pass epoch every sample and shard is read once, so each bad input is counted
+once per epoch (a slot that tops itself up from a second pass of its own samples does not count again, and
+the ragged remainder of each slot is read at the end of the epoch so nothing goes uncounted). With
+``resampled=true`` a bad image is counted at every encounter and a bad shard once per worker slot and epoch.
 
 How the loader knows what training consumed: each batch carries a private ``_stream`` record (epoch, step,
 lane, positions, bad-count deltas). When the DataModule is attached to a Trainer, its
@@ -49,7 +56,13 @@ from .shards import (
     new_counts,
     slot_capacities,
 )
-from .transforms import TokenAugment, build_eval_transform, build_train_transform
+from .transforms import (
+    BatchNormalize,
+    TokenAugment,
+    build_eval_transform,
+    build_train_transform,
+    min_crop_fraction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +88,7 @@ def _default_tokenizer() -> Any:
     return open_clip.get_tokenizer("ViT-B-32")
 
 
-# ------------------------------------------------------------------------------------------- worker-side
-# stream
+# ------------------------------------------------------------------------------- worker-side stream
 
 
 class ZeroVLStream(IterableDataset):
@@ -95,6 +107,7 @@ class ZeroVLStream(IterableDataset):
         rank: int,
         tokenizer: Any,
         transform: Any,
+        normalize: Any,
         text_augment: TokenAugment | None,
         shuffle_buffer: int,
         max_image_pixels: int,
@@ -103,11 +116,9 @@ class ZeroVLStream(IterableDataset):
         super().__init__()
         self.infos, self.splits, self.sampler, self.rank = list(infos), list(splits), sampler, rank
         self.tokenizer, self.transform, self.text_augment = tokenizer, transform, text_augment
-        self.shuffle_buffer, self.max_image_pixels, self.draft_size = (
-            shuffle_buffer,
-            max_image_pixels,
-            draft_size,
-        )
+        self.normalize = normalize
+        self.shuffle_buffer = shuffle_buffer
+        self.max_image_pixels, self.draft_size = max_image_pixels, draft_size
         self.epoch = 0
         self.start_step = 0
         self.start_positions: dict[int, dict[str, int]] = {}  # lane -> source -> raw position at start_step
@@ -197,7 +208,7 @@ class ZeroVLStream(IterableDataset):
             positions = {n: start_pos.get(n, 0) for n in names}
             positions.update({names[k]: st.position for k, st in streams.items()})
             yield {
-                "image": torch.stack(images),
+                "image": self.normalize(torch.stack(images)),
                 "text": text,
                 "key": keys,
                 "source": labels,
@@ -216,8 +227,7 @@ class ZeroVLStream(IterableDataset):
                 )
 
 
-# -----------------------------------------------------------------------------------------------
-# main-process side
+# -------------------------------------------------------------------------------- main-process side
 
 
 class _Tracker:
@@ -266,6 +276,15 @@ class ZeroVLLoader(DataLoader):
 
     def __len__(self) -> int:
         return self.dataset.sampler.steps_per_epoch  # type: ignore[attr-defined]
+
+    # Lightning asks loaders for these to decide whether a mid-epoch resume is exact; the sampling state
+    # itself lives in ZeroVLDataModule.state_dict (it needs every rank's positions, which a loader cannot
+    # gather).
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": "in ZeroVLDataModule.state_dict"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """No-op: :meth:`ZeroVLDataModule.load_state_dict` restores the position."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         dm, stream = self._dm, self.dataset
@@ -337,8 +356,9 @@ class ZeroVLDataModule(LightningDataModule):
         rank: int | None = None,
     ) -> None:
         super().__init__()
-        sources = _to_container(sources)
-        weights = _to_container(weights)
+        # Hydra hands nested values over as DictConfig/ListConfig (also the model's preprocess_cfg kwarg)
+        sources, weights, order = _to_container(sources), _to_container(weights), _to_container(order)
+        crop_scale, preprocess_cfg = _to_container(crop_scale), _to_container(preprocess_cfg)
         if not isinstance(sources, Mapping) or not sources:
             raise ValueError("ZeroVLDataModule needs at least one source: sources={name: {path: ...}}")
         if sampling not in ("debias", "shuffle", "sequential"):
@@ -395,8 +415,18 @@ class ZeroVLDataModule(LightningDataModule):
             self.preprocess_cfg, self.image_size, scale=tuple(crop_scale), auto_augment=auto_augment
         )
         self.eval_transform = build_eval_transform(self.preprocess_cfg, self.image_size)
+        # The loader normalises whole batches: per image it stops at uint8 (same values, less copying).
+        self._sample_transform = build_train_transform(
+            self.preprocess_cfg,
+            self.image_size,
+            scale=tuple(crop_scale),
+            auto_augment=auto_augment,
+            normalize=False,
+        )
+        self._normalize = BatchNormalize(self.preprocess_cfg)
         size = self.train_transform.transforms[0].size[0]
-        self.draft_size = math.ceil(1.5 * size) if jpeg_draft else None
+        # libjpeg may decode at 1/2, 1/4, 1/8 scale as long as the smallest crop still covers `size` pixels
+        self.draft_size = math.ceil(size / min_crop_fraction(tuple(crop_scale))) if jpeg_draft else None
         self.text_augment = TokenAugment.from_tokenizer(self.tokenizer) if text_augment else None
         self._world_override, self._rank_override = world_size, rank
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked workers
@@ -411,6 +441,11 @@ class ZeroVLDataModule(LightningDataModule):
             )
             for name, cfg in self.source_cfgs.items()
         ]
+        for info in self.infos:
+            if info.num_samples == 0 or not any(info.shard_sizes or [1]):
+                raise ValueError(
+                    f"source {info.name!r} has no samples (empty, truncated or unreadable shards)"
+                )
         self.probs = source_probabilities(
             [i.num_samples for i in self.infos], self.weights, [i.weight for i in self.infos]
         )
@@ -420,8 +455,9 @@ class ZeroVLDataModule(LightningDataModule):
         self._stream: ZeroVLStream | None = None
         self._tracker = _Tracker()
         self._resume: dict[str, Any] | None = None
+        self._next_epoch = 0  # the epoch a new loader starts with (Lightning overrides it through set_epoch)
 
-    # --------------------------------------------------------------------------------------------- set-up
+    # --------------------------------------------------------------------------------------- set-up
 
     @property
     def lanes(self) -> int:
@@ -502,20 +538,20 @@ class ZeroVLDataModule(LightningDataModule):
             self.sampler,
             rank=self.rank,
             tokenizer=self.tokenizer,
-            transform=self.train_transform,
+            transform=self._sample_transform,
+            normalize=self._normalize,
             text_augment=self.text_augment,
             shuffle_buffer=self.shuffle_buffer,
             max_image_pixels=self.max_image_pixels,
             draft_size=self.draft_size,
         )
-        self._stream.epoch = self._tracker.epoch
+        self._stream.epoch = self._next_epoch
         kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.num_workers > 0:
             kwargs["prefetch_factor"] = self.prefetch_factor
         return ZeroVLLoader(self, self._stream, **kwargs)
 
-    # ---------------------------------------------------------------------------------------------- epoch
-    # bookkeeping
+    # ---------------------------------------------------------------------------- epoch bookkeeping
 
     def _prepare_epoch(self, stream: ZeroVLStream) -> None:
         """Before iterating an epoch: start at step 0, or mid-epoch from a restored state."""
@@ -546,6 +582,7 @@ class ZeroVLDataModule(LightningDataModule):
     def _epoch_done(self, stream: ZeroVLStream) -> None:
         """A full pass ended: the next ``iter()`` runs the next epoch unless Lightning sets one."""
         stream.epoch += 1
+        self._next_epoch = stream.epoch
         if self._tracker.counts:
             log.warning("rank %d: bad samples skipped so far: %s", self.rank, self._tracker.flat_counts())
 
@@ -554,8 +591,7 @@ class ZeroVLDataModule(LightningDataModule):
             return self._tracker.observe(batch)
         return batch
 
-    # ------------------------------------------------------------------------------------------- counts &
-    # state
+    # ------------------------------------------------------------------------------- counts & state
 
     def bad_sample_counts(self, sync: bool = False) -> dict[str, dict[str, int]]:
         """Skipped samples per source and kind (non-zero only): this rank's, or all ranks' with
@@ -644,5 +680,6 @@ class ZeroVLDataModule(LightningDataModule):
             "positions": mine["positions"] if exact else {},
             "exact": exact,
         }
+        self._next_epoch = epoch
         if self._stream is not None:
             self._stream.epoch = epoch

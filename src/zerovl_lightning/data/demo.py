@@ -1,16 +1,17 @@
-"""The demo data: real image–caption pairs from Debian/PyPI packages, built into webdataset shards at run time.
+"""Demo data: real image–caption pairs from Debian/PyPI packages, built into webdataset shards at run time.
 
-Four sources (``docs/../shared/offline-assets.md``): Tux Paint stamps, Noto Color Emoji with their CLDR names,
-Open Clip Art titles, and country flags. Each becomes ``<cache>/demo/<source>/{train,heldout}/shard-%06d.tar``
+Four sources (see offline-assets.md): Tux Paint stamps, Noto Color Emoji with their CLDR names, Open Clip
+Art titles, and country flags. Each becomes ``<cache>/demo/<source>/{train,heldout}/shard-%06d.tar``
 (+ ``stats.json``) with a **held-out split by caption text**: a caption is held out when the hash of its
-normalised text ranks in the lowest ``heldout_fraction`` (capped at ``max_heldout`` captions so evaluation stays
-quick), so no held-out caption is ever seen in training, even when several images share it. The images and
-shards are never committed (their licences differ); everything is rebuilt into the git-ignored cache, and a
-rebuild is skipped in well under a second when ``manifest.json`` matches the requested configuration.
+normalised text ranks in the lowest ``heldout_fraction`` (capped at ``max_heldout`` captions so evaluation
+stays quick), so no held-out caption is ever seen in training, even when several images share it. The
+images and shards are never committed (their licences differ); everything is rebuilt into the git-ignored
+cache, and a rebuild is skipped in well under a second when ``manifest.json`` matches the configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -21,10 +22,12 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,9 +35,17 @@ from typing import Any, NamedTuple
 from PIL import Image, ImageDraw, ImageFont
 
 from ..assets import cache_dir as default_cache_dir
-from .writers import BadImage, ShardTask, WriteReport, _make_pool, encode_image, flatten_on_white, write_shards
+from .writers import (
+    BadImage,
+    ShardTask,
+    WriteReport,
+    _make_pool,
+    encode_image,
+    flatten_on_white,
+    write_shards,
+)
 
-DEMO_VERSION = 1  # bump when the listing, filtering or rendering changes: cached demos are then rebuilt
+DEMO_VERSION = 2  # bump when the listing, filtering or rendering changes: cached demos are then rebuilt
 SOURCES = ("tuxpaint", "emoji", "openclipart", "flags")
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
@@ -62,23 +73,44 @@ class SourceInfo:
 
 SOURCE_INFO: dict[str, SourceInfo] = {
     "tuxpaint": SourceInfo(
-        "tuxpaint", ("tuxpaint-stamps-default",), ("tuxpaint",), ("cairosvg",), "GPL-2",
+        "tuxpaint",
+        ("tuxpaint-stamps-default",),
+        ("tuxpaint",),
+        ("cairosvg",),
+        "GPL-2",
         "one English sentence per stamp",
     ),
     "emoji": SourceInfo(
-        "emoji", ("fonts-noto-color-emoji",), ("emoji",), ("emoji",), "OFL/Apache-2.0 + BSD",
+        "emoji",
+        ("fonts-noto-color-emoji",),
+        ("emoji",),
+        ("emoji",),
+        "OFL/Apache-2.0 + BSD",
         "Unicode/CLDR short names",
     ),
     "openclipart": SourceInfo(
-        "openclipart", ("openclipart-svg",), ("openclipart",), ("cairosvg",), "public domain",
+        "openclipart",
+        ("openclipart-svg",),
+        ("openclipart",),
+        ("cairosvg",),
+        "public domain",
         "dc:title (or dc:description) of the SVG, filtered",
     ),
     "flags": SourceInfo(
-        "flags", ("iso-flags-png-320x240", "iso-codes"), ("flags", "iso_codes"), (), "public domain",
+        "flags",
+        ("iso-flags-png-320x240", "iso-codes"),
+        ("flags", "iso_codes"),
+        (),
+        "public domain",
         "'the flag of <country>'",
     ),
 }
-APT_PACKAGES = ("tuxpaint-stamps-default", "openclipart-svg", "fonts-noto-color-emoji", "iso-flags-png-320x240")
+APT_PACKAGES = (
+    "tuxpaint-stamps-default",
+    "openclipart-svg",
+    "fonts-noto-color-emoji",
+    "iso-flags-png-320x240",
+)
 PYPI_NAMES = {"cairosvg": "cairosvg", "emoji": "emoji"}
 
 
@@ -94,7 +126,7 @@ class DemoItem(NamedTuple):
     render: tuple[str, str]  # (kind, path or emoji string); kind in raster | svg | emoji
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Asset checks
 
 
@@ -106,8 +138,10 @@ def _roots(roots: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
     return {k: Path(v) for k, v in merged.items()}
 
 
-def check_assets(sources: Sequence[str] = SOURCES, roots: Mapping[str, str | os.PathLike] | None = None) -> None:
-    """Raise :class:`DemoAssetsMissing` naming every missing Debian/PyPI package of ``sources`` (all at once)."""
+def check_assets(
+    sources: Sequence[str] = SOURCES, roots: Mapping[str, str | os.PathLike] | None = None
+) -> None:
+    """Raise :class:`DemoAssetsMissing` naming every missing Debian/PyPI package of ``sources`` at once."""
     r = _roots(roots)
     missing_deb: dict[str, list[str]] = {}
     missing_py: set[str] = set()
@@ -132,7 +166,9 @@ def check_assets(sources: Sequence[str] = SOURCES, roots: Mapping[str, str | os.
         lines.append(
             "  Install with: sudo apt-get install -y --no-install-recommends " + " ".join(sorted(missing_deb))
         )
-        lines.append("  (all demo packages: apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES) + ")")
+        lines.append(
+            "  (all demo packages: apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES) + ")"
+        )
     if missing_py:
         names = " ".join(sorted(PYPI_NAMES.get(m, m) for m in missing_py))
         lines.append(f"  - Python packages missing: {names}")
@@ -140,12 +176,12 @@ def check_assets(sources: Sequence[str] = SOURCES, roots: Mapping[str, str | os.
     raise DemoAssetsMissing("\n".join(lines))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Listing the sources (cheap: no image is decoded here)
 
 
 def list_tuxpaint(root: str | os.PathLike = DEFAULT_ROOTS["tuxpaint"]) -> list[DemoItem]:
-    """Stamps with a caption: line 1 of ``<name>.txt`` (later lines are translations); image ``.png`` else ``.svg``."""
+    """Stamps with a caption: line 1 of ``<name>.txt`` (then translations); image ``.png``, else ``.svg``."""
     base = Path(root)
     items = []
     for txt in sorted(base.rglob("*.txt")):
@@ -157,12 +193,14 @@ def list_tuxpaint(root: str | os.PathLike = DEFAULT_ROOTS["tuxpaint"]) -> list[D
         lines = txt.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
         caption = _clean_ws(lines[0]) if lines else ""
         if caption:
-            items.append(DemoItem(txt.relative_to(base).with_suffix("").as_posix(), caption, (kind, str(img))))
+            items.append(
+                DemoItem(txt.relative_to(base).with_suffix("").as_posix(), caption, (kind, str(img)))
+            )
     return items
 
 
 def list_emoji(font: str | os.PathLike = DEFAULT_ROOTS["emoji"], max_version: float = 15) -> list[DemoItem]:
-    """Fully-qualified emoji without skin tones, Emoji version ≤ ``max_version`` (newer ones render as 2 glyphs)."""
+    """Fully-qualified emoji, no skin tones, Emoji version ≤ ``max_version`` (newer: rendered as 2 glyphs)."""
     import emoji as emoji_pkg
 
     fully = emoji_pkg.STATUS["fully_qualified"]
@@ -217,7 +255,9 @@ def _usable_clipart_text(t: str, max_len: int) -> bool:
     )
 
 
-def list_openclipart(root: str | os.PathLike = DEFAULT_ROOTS["openclipart"], max_repeats: int = 3) -> list[DemoItem]:
+def list_openclipart(
+    root: str | os.PathLike = DEFAULT_ROOTS["openclipart"], max_repeats: int = 3
+) -> list[DemoItem]:
     """SVGs captioned by their RDF title, filtered as the titles are noisy.
 
     Dropped: ``computer/icons`` (theme icons titled by their theme), symlinks, titles seen more than
@@ -247,7 +287,8 @@ def list_openclipart(root: str | os.PathLike = DEFAULT_ROOTS["openclipart"], max
 
 
 def list_flags(
-    root: str | os.PathLike = DEFAULT_ROOTS["flags"], iso_codes: str | os.PathLike = DEFAULT_ROOTS["iso_codes"]
+    root: str | os.PathLike = DEFAULT_ROOTS["flags"],
+    iso_codes: str | os.PathLike = DEFAULT_ROOTS["iso_codes"],
 ) -> list[DemoItem]:
     """ISO 3166-1 countries with a flag PNG, captioned "the flag of <common_name or name>"."""
     countries = json.loads(Path(iso_codes).read_text(encoding="utf-8"))["3166-1"]
@@ -274,7 +315,7 @@ def list_source(source: str, roots: Mapping[str, str | os.PathLike] | None = Non
     raise KeyError(f"Unknown demo source {source!r}; known: {list(SOURCES)}")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Rendering (runs in pool workers: module-level and picklable)
 
 
@@ -295,18 +336,78 @@ def _render_emoji(ch: str, font_path: str) -> Image.Image:
     return im
 
 
+SVG_CPU_LIMIT_S = 3.0  # normal clip art renders in < 1.5 s of CPU; a few pathological files take 20+ s
+
+
+class _RenderTimeout(BadImage):
+    pass
+
+
+@contextlib.contextmanager
+def _cpu_time_limit(seconds: float) -> Iterator[None]:
+    """Abort the block after ``seconds`` of this process's CPU time (not wall time: stable on a busy machine).
+
+    Uses SIGVTALRM, so it only applies in a main thread on POSIX (pool workers, the CLI); elsewhere no limit.
+    """
+    if not hasattr(signal, "ITIMER_VIRTUAL") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise _RenderTimeout(f"rendering took more than {seconds:g} s of CPU")
+
+    previous = signal.signal(signal.SIGVTALRM, _raise)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
+
+
+_ENTITY_DECL = re.compile(rb"""<!ENTITY\s+([\w.-]+)\s+(["'])(.*?)\2\s*>""", re.S)
+_DOCTYPE = re.compile(rb"<!DOCTYPE[^\[>]*(\[.*?\]\s*)?>", re.S)
+
+
+def _expand_internal_entities(data: bytes) -> bytes:
+    """Inline ``<!ENTITY ns_svg "...">`` declarations (Adobe Illustrator exports).
+
+    cairosvg's safe mode (defusedxml) rejects every entity; these internal ones are harmless, and turning on
+    ``unsafe`` would also allow fetching external resources.
+    """
+    if b"<!ENTITY" not in data:
+        return data
+    entities = {m.group(1): m.group(3) for m in _ENTITY_DECL.finditer(data)}
+    data = _DOCTYPE.sub(b"", data, count=1)
+    for name, value in entities.items():
+        data = data.replace(b"&" + name + b";", value)
+    return data
+
+
+_PERCENT_OPACITY = re.compile(rb"""(opacity\s*(?:=\s*["']|:)\s*)(\d+(?:\.\d+)?)%""")
+
+
+def _fix_percent_opacity(data: bytes) -> bytes:
+    """``opacity="100%"`` → ``opacity="1"``: valid CSS that cairosvg cannot parse (~0.5% of the clip art)."""
+    return _PERCENT_OPACITY.sub(lambda m: m.group(1) + b"%g" % (float(m.group(2)) / 100), data)
+
+
 def _render_svg(path: str, size: int) -> Image.Image:
     import cairosvg
 
-    # Render at 2× into a square (aspect ratio kept), then crop to the drawing: many SVGs sit on a larger page.
-    png = cairosvg.svg2png(url=path, output_width=2 * size, output_height=2 * size, unsafe=False)
+    data = _fix_percent_opacity(_expand_internal_entities(Path(path).read_bytes()))
+    # Render at 2× into a square (aspect kept), then crop to the drawing: many SVGs sit on a larger page.
+    with _cpu_time_limit(SVG_CPU_LIMIT_S):
+        png = cairosvg.svg2png(
+            bytestring=data, url=path, output_width=2 * size, output_height=2 * size, unsafe=False
+        )
     im = Image.open(io.BytesIO(png))
     im.load()
     return im
 
 
 def _crop_to_content(im: Image.Image, margin: float = 0.04) -> Image.Image:
-    """Crop transparent borders and leave a small margin, so drawings fill the frame like photos' subjects do."""
+    """Crop transparent borders, leaving a small margin, so drawings fill the frame like photos' subjects."""
     if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
         return im
     rgba = im.convert("RGBA")
@@ -320,9 +421,15 @@ def _crop_to_content(im: Image.Image, margin: float = 0.04) -> Image.Image:
     return canvas
 
 
-def render_item(spec: tuple[str, str], *, size: int = 160, fmt: str = "jpg", quality: int = 90,
-                emoji_font: str = DEFAULT_ROOTS["emoji"]) -> tuple[bytes, str]:
-    """Render one demo item: composite on white, longer side ``size`` px, encoded as ``fmt`` → (bytes, ext)."""
+def render_item(
+    spec: tuple[str, str],
+    *,
+    size: int = 160,
+    fmt: str = "jpg",
+    quality: int = 90,
+    emoji_font: str = DEFAULT_ROOTS["emoji"],
+) -> tuple[bytes, str]:
+    """Render one item: composite on white, longer side ``size`` px, encoded as ``fmt`` → (bytes, ext)."""
     kind, arg = spec
     if kind == "emoji":
         im = _render_emoji(arg, emoji_font)
@@ -341,7 +448,7 @@ def render_item(spec: tuple[str, str], *, size: int = 160, fmt: str = "jpg", qua
     return encode_image(im, fmt, quality), fmt
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The held-out split
 
 
@@ -350,7 +457,7 @@ def _clean_ws(s: str) -> str:
 
 
 def normalize_caption(caption: str) -> str:
-    """Caption text used for de-duplication and the split: NFKC, case-folded, single spaces, no final period."""
+    """Caption text for de-duplication and the split: NFKC, case-folded, single spaces, no final period."""
     return _clean_ws(unicodedata.normalize("NFKC", caption).casefold()).rstrip(" .!?…")
 
 
@@ -360,7 +467,9 @@ def caption_hash(caption: str) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def heldout_captions(captions: Sequence[str], fraction: float = 0.2, max_heldout: int | None = 400) -> set[str]:
+def heldout_captions(
+    captions: Sequence[str], fraction: float = 0.2, max_heldout: int | None = 400
+) -> set[str]:
     """The normalised captions held out: the ``fraction`` of distinct captions with the lowest hash, at most
     ``max_heldout``. Whole caption groups move together, so no held-out text is seen in training."""
     if not 0.0 <= fraction < 1.0:
@@ -375,7 +484,7 @@ def heldout_captions(captions: Sequence[str], fraction: float = 0.2, max_heldout
     return set(ranked[:k])
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Building
 
 
@@ -384,8 +493,9 @@ def demo_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir if cache_dir is not None else default_cache_dir()) / "demo"
 
 
-def demo_split_dirs(cache_dir: str | os.PathLike | None = None, sources: Sequence[str] = SOURCES
-                    ) -> dict[str, dict[str, Path]]:
+def demo_split_dirs(
+    cache_dir: str | os.PathLike | None = None, sources: Sequence[str] = SOURCES
+) -> dict[str, dict[str, Path]]:
     """``{source: {"train": dir, "heldout": dir}}`` of a built demo."""
     root = demo_root(cache_dir)
     return {s: {sp: root / s / sp for sp in SPLITS} for s in sources}
@@ -458,8 +568,9 @@ def build_demo(
     check_assets(sources, roots)
     r = _roots(roots)
     say = log or (lambda _msg: None)
-    load = functools.partial(render_item, size=image_size, fmt=image_format, quality=quality,
-                             emoji_font=str(r["emoji"]))
+    load = functools.partial(
+        render_item, size=image_size, fmt=image_format, quality=quality, emoji_font=str(r["emoji"])
+    )
     entries: dict[str, Any] = {}
     pool = _make_pool(workers) if workers > 0 else None
     try:
@@ -468,11 +579,22 @@ def build_demo(
             items = list_source(s, roots)
             if limit is not None:
                 items = items[:limit]
-            entries[s] = _build_source(s, items, root / s, load, config, pool, force, progress,
-                                       (min_train_shards, min_heldout_shards), max_samples_per_shard)
+            entries[s] = _build_source(
+                s,
+                items,
+                root / s,
+                load,
+                config,
+                pool,
+                force,
+                progress,
+                (min_train_shards, min_heldout_shards),
+                max_samples_per_shard,
+            )
             entries[s]["seconds"] = round(time.perf_counter() - ts, 2)
-            say(f"{s}: {entries[s]['train']['num_samples']} train / {entries[s]['heldout']['num_samples']} heldout "
-                f"({entries[s]['seconds']:.1f}s)")
+            e = entries[s]
+            n_train, n_held = e["train"]["num_samples"], e["heldout"]["num_samples"]
+            say(f"{s}: {n_train} train / {n_held} heldout ({e['seconds']:.1f}s)")
     finally:
         if pool is not None:
             pool.close()
@@ -510,8 +632,13 @@ def _build_source(
     for image_id, it in enumerate(items):
         norm = normalize_caption(it.caption)
         split = "heldout" if norm in held else "train"
-        meta = {"image_id": image_id, "caption_id": image_id, "text_id": text_ids[norm], "origin": it.uid,
-                "split": split}
+        meta = {
+            "image_id": image_id,
+            "caption_id": image_id,
+            "text_id": text_ids[norm],
+            "origin": it.uid,
+            "split": split,
+        }
         split_tasks[split].append(ShardTask(f"{source}_{image_id:06d}", it.caption, meta, it.render))
     entry: dict[str, Any] = {
         "package": " + ".join(SOURCE_INFO[source].debian),
@@ -526,9 +653,21 @@ def _build_source(
         n_unique = len({normalize_caption(t.caption) for t in tasks})
         params = {k: config[k] for k in ("version", "image_size", "image_format", "quality")}
         report: WriteReport = write_shards(
-            tasks, out / sp, load, source=source, samples_per_shard=per_shard, params={"demo": params},
-            extra_stats={"split": sp, "num_unique_captions": n_unique, "builder": f"zerovl demo v{DEMO_VERSION}"},
-            pool=pool, force=force, progress=progress, desc=f"{source}/{sp}",
+            tasks,
+            out / sp,
+            load,
+            source=source,
+            samples_per_shard=per_shard,
+            params={"demo": params},
+            extra_stats={
+                "split": sp,
+                "num_unique_captions": n_unique,
+                "builder": f"zerovl demo v{DEMO_VERSION}",
+            },
+            pool=pool,
+            force=force,
+            progress=progress,
+            desc=f"{source}/{sp}",
         )
         st = report.stats
         entry[sp] = {
@@ -543,17 +682,30 @@ def _build_source(
     return entry
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Zero-shot classification set (cheap to provide here; evaluation code owns how it is used)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
-def load_fashion_mnist(split: str = "t10k", root: str | os.PathLike = FASHION_MNIST_DIR, limit: int | None = None,
-                       invert: bool = True) -> tuple[Any, Any, tuple[str, ...]]:
+def load_fashion_mnist(
+    split: str = "t10k",
+    root: str | os.PathLike = FASHION_MNIST_DIR,
+    limit: int | None = None,
+    invert: bool = True,
+) -> tuple[Any, Any, tuple[str, ...]]:
     """(images uint8 [N,28,28], labels int64 [N], class names) from Debian ``dataset-fashion-mnist``.
 
     ``invert`` makes them dark-on-white like the clip-art training images.

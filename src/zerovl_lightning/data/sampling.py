@@ -145,8 +145,7 @@ class SourceSampler:
             )
         self.steps_per_epoch = int(steps_per_epoch)
 
-    # ---------------------------------------------------------------------------------------------- epoch
-    # length
+    # --------------------------------------------------------------------------------- epoch length
 
     def _lane_quotas(self) -> np.ndarray:
         """[K, W] steps of source k in lane w (non-resampled debias/sequential)."""
@@ -174,8 +173,7 @@ class SourceSampler:
         """The epoch's steps produced by ``lane``."""
         return range(lane, self.steps_per_epoch, self.lanes)
 
-    # ---------------------------------------------------------------------------------------------------
-    # plans
+    # ---------------------------------------------------------------------------------------- plans
 
     def step_sources(self, epoch: int) -> np.ndarray:
         """[steps_per_epoch] source index of every step (debias/sequential); the same on every rank and

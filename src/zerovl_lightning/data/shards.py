@@ -81,8 +81,7 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
-# ------------------------------------------------------------------------------------------------- shard
-# lists
+# -------------------------------------------------------------------------------------- shard lists
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], *, source: str = "?") -> list[str]:
@@ -220,7 +219,8 @@ class SourceInfo:
         urls = expand_shards(spec, source=name)
         stats = read_stats(urls, spec)
         sizes = _shard_sizes_from_stats(stats, urls)
-        if sizes is None and scan and not any(is_remote(u) for u in urls):
+        known = num_samples is not None or bool(stats and "num_samples" in stats)
+        if sizes is None and (scan or not known) and not any(is_remote(u) for u in urls):
             if len(urls) > 200:
                 log.info(
                     "source %s: scanning %d shards for sample counts (add shard_sizes to stats.json)",
@@ -244,7 +244,7 @@ class SourceInfo:
         return cls(name=name, urls=urls, num_samples=int(num_samples), shard_sizes=sizes, weight=weight)
 
 
-# ------------------------------------------------------------------------------------------- bad samples
+# -------------------------------------------------------------------------------------- bad samples
 
 
 def new_counts() -> dict[str, int]:
@@ -291,8 +291,7 @@ class BadSampleCounter:
             kind = "truncated_tar"
         else:
             kind = "tar_error"
-        # webdataset appends the url to errors of the shard stages, and " @ <fileobj>" to errors inside a
-        # member
+        # webdataset appends the url to errors of shard stages and " @ <fileobj>" to errors inside a member
         url = next((a for a in reversed(args) if isinstance(a, str) and a in self.urls), None)
         if url is None:
             m = _FILEOBJ_NAME.search(msg)
@@ -362,8 +361,7 @@ def decode_sample(
     return img, caption
 
 
-# -------------------------------------------------------------------------------------------------- slot
-# streams
+# ------------------------------------------------------------------------------------- slot streams
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -424,9 +422,8 @@ class SlotStream:
         self._yielded_in_pass = 0
         self._skipping = False
         owner = {u: i % num_slots for i, u in enumerate(info.urls)}
-        shared = (
-            split == "sample" and not resampled
-        )  # every slot reads every shard: one of them counts its errors
+        # With a sample-level split every slot reads every shard: only the shard's owner counts its errors.
+        shared = split == "sample" and not resampled
         self.counter = BadSampleCounter(info.urls, (lambda url: owner.get(url) == slot) if shared else None)
 
     def _pipeline(self, pass_index: int) -> Iterator[dict[str, Any]]:
@@ -488,7 +485,8 @@ class SlotStream:
         )
 
     def skip(self, n: int) -> None:
-        """Fast-forward ``n`` raw samples without decoding (resume); errors met on the way were counted before."""
+        """Fast-forward ``n`` raw samples without decoding (resume); errors met on the way were counted
+        before the checkpoint."""
         self._skipping = True
         self._update_mute()
         try:

@@ -47,16 +47,39 @@ def build_train_transform(
     *,
     scale: tuple[float, float] = (0.6, 1.0),
     auto_augment: bool = True,
+    normalize: bool = True,
 ) -> T.Compose:
-    """PIL RGB image → normalised FloatTensor[3, s, s] with ZeroVL's train augmentation."""
+    """PIL RGB image → normalised FloatTensor[3, s, s] with ZeroVL's train augmentation.
+
+    ``normalize=False`` stops at a uint8 tensor, for loaders that normalise whole batches at once
+    (:class:`BatchNormalize`, one vectorised pass instead of two float copies per image).
+    """
     size = _size(preprocess_cfg, image_size)
     interp = _interpolation(preprocess_cfg)
     mean, std = _mean_std(preprocess_cfg)
     ops: list[Any] = [T.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp)]
     if auto_augment:
         ops.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    ops += [T.ToTensor(), T.Normalize(mean, std)] if normalize else [T.PILToTensor()]
     return T.Compose(ops)
+
+
+class BatchNormalize:
+    """uint8 [B, 3, H, W] → float (x / 255 − mean) / std, as ``ToTensor`` + ``Normalize`` per image would."""
+
+    def __init__(self, preprocess_cfg: Mapping[str, Any] | None = None) -> None:
+        mean, std = _mean_std(preprocess_cfg)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * sd), m / sd
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mul_(self.scale).sub_(self.shift)
+
+
+def min_crop_fraction(scale: Sequence[float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> float:
+    """Smallest side of a RandomResizedCrop box relative to the image's shorter side (JPEG draft decoding)."""
+    return min(1.0, (scale[0] * ratio[0]) ** 0.5)
 
 
 def build_eval_transform(

@@ -1,4 +1,4 @@
-"""Shard writers: ZeroVL CSV layouts, image folders and img2dataset output → webdataset shards + ``stats.json``.
+"""Shard writers: ZeroVL CSV layouts, image folders, img2dataset output → webdataset shards + ``stats.json``.
 
 Every writer produces the layout of ``docs/CONTRACTS.md``: one sample per caption (``KEY.jpg|png|webp``,
 ``KEY.txt``, ``KEY.json`` with ``image_id``, ``caption_id``, ``source``) in ``shard-%06d.tar`` files, and a
@@ -6,9 +6,9 @@ Every writer produces the layout of ``docs/CONTRACTS.md``: one sample per captio
 
 Why the machinery around ``wds.TarWriter``:
 
-* **Resumable.** Inputs are cut into fixed chunks, one chunk per shard. A shard is written to ``*.tar.tmp`` and
-  renamed only once complete (after its progress record is on disk), so a killed writer never leaves a half
-  shard that looks finished; a rerun keeps the finished shards and writes the rest.
+* **Resumable.** Inputs are cut into fixed chunks, one chunk per shard. A shard is written to ``*.tar.tmp``
+  and renamed only once complete (after its progress record is on disk), so a killed writer never leaves a
+  half shard that looks finished; a rerun keeps the finished shards and writes the rest.
 * **Idempotent.** ``stats.json`` records a fingerprint of the inputs and options; a rerun with the same
   fingerprint and intact shards returns at once.
 * **Robust.** Missing or undecodable images and empty captions are skipped and counted (``stats["skipped"]``).
@@ -29,7 +29,9 @@ import os
 import random
 import re
 import shutil
+import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -37,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -83,7 +84,7 @@ class WriteReport:
     notes: list[str] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Image loading
 
 
@@ -111,7 +112,7 @@ def flatten_on_white(im: Image.Image) -> Image.Image:
 
 
 def load_image_file(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, str]:
-    """Read an image file for a shard: the original bytes when they are jpg/png/webp and small enough, else re-encoded.
+    """Image bytes for a shard: the file's own when jpg/png/webp and small enough, else re-encoded.
 
     The image is fully decoded once to catch truncated or corrupt files; ``FileNotFoundError`` and
     :class:`BadImage` are the two outcomes a writer counts as skips.
@@ -154,7 +155,7 @@ def _safe_load(load: Callable[[Any], tuple[bytes, str]], arg: Any) -> tuple[byte
         return None, f"unreadable_image:{type(e).__name__}: {str(e)[:200]}"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The core writer
 
 
@@ -162,7 +163,9 @@ def _fingerprint(tasks: Sequence[ShardTask], params: Mapping[str, Any]) -> str:
     h = hashlib.sha1()
     h.update(json.dumps({"writer": WRITER_VERSION, **params}, sort_keys=True, default=str).encode())
     for t in tasks:
-        h.update(json.dumps([t.key, t.caption, dict(t.meta), repr(t.image)], sort_keys=True, default=str).encode())
+        h.update(
+            json.dumps([t.key, t.caption, dict(t.meta), repr(t.image)], sort_keys=True, default=str).encode()
+        )
     return h.hexdigest()
 
 
@@ -205,8 +208,14 @@ def _clean_output(out_dir: Path) -> None:
 
 
 def _make_pool(workers: int):
-    # spawn, not fork: writers may run inside a process that already holds torch threads.
-    return multiprocessing.get_context("spawn").Pool(workers)
+    """A process pool for image loading/rendering.
+
+    fork on Linux while the process has a single Python thread: it needs no ``if __name__ == "__main__"``
+    guard and starts instantly, and the workers only run PIL/cairosvg (never torch). With other threads alive
+    (one might hold a lock at fork time) spawn is used instead.
+    """
+    method = "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
 
 
 def write_shards(
@@ -236,7 +245,9 @@ def write_shards(
     out = Path(out_dir)
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
-    fingerprint = _fingerprint(tasks, {"source": source, "samples_per_shard": samples_per_shard, **(params or {})})
+    fingerprint = _fingerprint(
+        tasks, {"source": source, "samples_per_shard": samples_per_shard, **(params or {})}
+    )
     if force:
         _clean_output(out)
     elif (stats := _stats_up_to_date(out, fingerprint)) is not None:
@@ -301,7 +312,11 @@ def _read_progress(progress_dir: Path, i: int, fingerprint: str, out: Path) -> d
         rec = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("fingerprint") != fingerprint or not shard.is_file() or shard.stat().st_size != rec.get("bytes"):
+    if (
+        rec.get("fingerprint") != fingerprint
+        or not shard.is_file()
+        or shard.stat().st_size != rec.get("bytes")
+    ):
         return None
     return rec
 
@@ -325,6 +340,8 @@ def _write_chunk(
     fn = functools.partial(_safe_load, load)
     results = pool.imap(fn, unique, chunksize=4) if pool is not None else map(fn, unique)
     loaded: dict[Hashable, tuple[bytes | None, str]] = dict(zip(unique, results))
+
+    import webdataset as wds  # lazily: it imports torch (seconds), which stats/up-to-date checks never need
 
     name = SHARD_PATTERN % i
     tmp = out / (name + ".tmp")
@@ -388,23 +405,25 @@ def _aggregate(
         **(dict(extra) if extra else {}),
         "skipped": dict(skipped),
         "bad_examples": bad_examples[:10],
-        "shards": [{"file": r["file"], "num_samples": r["num_samples"], "bytes": r["bytes"]} for r in records],
+        "shards": [
+            {"file": r["file"], "num_samples": r["num_samples"], "bytes": r["bytes"]} for r in records
+        ],
         "writer": f"zerovl_lightning.data.writers v{WRITER_VERSION}",
         "fingerprint": fingerprint,
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Reading stats back
 
 
 def read_stats(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``stats.json`` of a shard folder (``num_samples``, ``num_shards``, ``num_images``, ``shards`` …)."""
+    """The ``stats.json`` of a shard folder (``num_samples``, ``num_shards``, ``num_images``, ``shards``…)."""
     p = Path(directory) / STATS_FILE
     if not p.is_file():
         raise FileNotFoundError(
-            f"No {STATS_FILE} in {Path(directory)}: write the shards with `zerovl-data csv|folder|demo`, or index "
-            f"existing webdataset/img2dataset shards with `zerovl-data img2dataset {directory}`"
+            f"No {STATS_FILE} in {Path(directory)}: write the shards with `zerovl-data csv|folder|demo`, "
+            f"or index existing webdataset/img2dataset shards with `zerovl-data img2dataset {directory}`"
         )
     stats = json.loads(p.read_text())
     for k in ("num_samples", "num_shards", "num_images"):
@@ -419,7 +438,7 @@ def shard_paths(directory: str | os.PathLike) -> list[str]:
     return [str(d / s["file"]) for s in read_stats(d)["shards"]]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # (a) ZeroVL CSV layout
 
 
@@ -447,11 +466,11 @@ def write_csv_shards(
     force: bool = False,
     progress: bool = True,
 ) -> WriteReport:
-    """ZeroVL's ``<root>/<name>/<split>_anno.csv`` (image, image_id, caption, caption_id) → shards in ``out_dir``.
+    """ZeroVL's ``<root>/<name>/<split>_anno.csv`` (image, image_id, caption, caption_id) → shards.
 
     One sample per CSV row (caption); images are read from ``<root>/<name>/<split>/``. Rows are shuffled with
-    ``shuffle_seed`` (None keeps CSV order) so that the captions of one image spread over the shards instead of
-    filling one batch with duplicates. ``max_side`` downsizes larger images (re-encoded as JPEG).
+    ``shuffle_seed`` (None keeps CSV order) so that the captions of one image spread over the shards instead
+    of filling one batch with duplicates. ``max_side`` downsizes larger images (re-encoded as JPEG).
     """
     base = Path(root) / name
     csv_path = base / f"{split}_anno.csv"
@@ -496,7 +515,7 @@ def write_csv_shards(
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # (b) a folder of images with captions
 
 _IMAGE_COLUMNS = ("image", "file_name", "filename", "file", "path", "image_path")
@@ -516,8 +535,8 @@ def _read_caption_table(path: Path) -> list[tuple[str, str]]:
         cap_col = next((header.index(c) for c in _CAPTION_COLUMNS if c in header), None)
         if img_col is None or cap_col is None:
             raise ValueError(
-                f"{path}: the header must name an image column (one of {_IMAGE_COLUMNS}) and a caption column "
-                f"(one of {_CAPTION_COLUMNS}); got {header}"
+                f"{path}: the header must name an image column (one of {_IMAGE_COLUMNS}) and a caption "
+                f"column (one of {_CAPTION_COLUMNS}); got {header}"
             )
         return [(r[img_col], r[cap_col]) for r in reader if len(r) > max(img_col, cap_col)]
 
@@ -537,11 +556,11 @@ def write_folder_shards(
 ) -> WriteReport:
     """A folder of images with captions → shards in ``out_dir``.
 
-    Captions come from a same-stem ``.txt`` sidecar (each non-empty line is one caption) and/or a CSV/TSV mapping
-    file (``captions_file``, or ``captions.csv|tsv`` / ``metadata.csv|tsv`` found in ``image_dir``) whose header
-    names an image column (image, file_name, …, relative to ``image_dir``) and a caption column (caption, text, …);
-    several rows per image give several captions. Images without any caption and caption rows whose image is
-    absent are counted in ``stats["skipped"]``.
+    Captions come from a same-stem ``.txt`` sidecar (each non-empty line is one caption) and/or a CSV/TSV
+    mapping file (``captions_file``, or ``captions.csv|tsv`` / ``metadata.csv|tsv`` found in ``image_dir``)
+    whose header names an image column (image, file_name, …, relative to ``image_dir``) and a caption column
+    (caption, text, …); several rows per image give several captions. Images without any caption and caption
+    rows whose image is absent are counted in ``stats``.
     """
     root = Path(image_dir)
     if not root.is_dir():
@@ -558,7 +577,11 @@ def write_folder_shards(
         if txt.is_file():
             text = txt.read_bytes().decode("utf-8", errors="replace")
             captions[im].extend(line.strip() for line in text.splitlines() if line.strip())
-    table = Path(captions_file) if captions_file else next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
+    table = (
+        Path(captions_file)
+        if captions_file
+        else next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
+    )
     orphan_rows = 0
     if table is not None:
         for rel, cap in _read_caption_table(table):
@@ -607,12 +630,12 @@ def write_folder_shards(
     return report
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # (c) img2dataset output (already webdataset)
 
 
 def _count_tar_samples(path: Path) -> tuple[int, int]:
-    """(samples with an image, samples without) in one tar, by member keys (webdataset: key = name up to 1st dot)."""
+    """(samples with an image, samples without) in a tar, by member key (webdataset: name up to 1st dot)."""
     keys: dict[str, bool] = {}
     with tarfile.open(path) as tf:
         for m in tf:
@@ -634,11 +657,12 @@ def index_img2dataset(
     force: bool = False,
     progress: bool = True,
 ) -> WriteReport:
-    """Write ``stats.json`` for img2dataset (or any webdataset) shards in ``directory``; the shards stay as they are.
+    """Write ``stats.json`` for img2dataset (or any webdataset) shards in ``directory``, left as they are.
 
-    ``count="auto"`` takes each shard's sample count from img2dataset's ``NNNNN_stats.json`` (``successes``) when
-    present and counts the tar's keys otherwise; ``count="scan"`` always reads the tars. img2dataset writes one
-    caption per image, so ``num_images == num_samples``; its ``KEY.json`` has no ``image_id``/``caption_id``.
+    ``count="auto"`` takes each shard's sample count from img2dataset's ``NNNNN_stats.json`` (``successes``)
+    when present and counts the tar's keys otherwise; ``count="scan"`` always reads the tars. img2dataset
+    writes one caption per image, so ``num_images == num_samples``; its ``KEY.json`` has no
+    ``image_id``/``caption_id``.
     """
     t0 = time.perf_counter()
     d = Path(directory)
@@ -649,7 +673,9 @@ def index_img2dataset(
         raise FileNotFoundError(f"No .tar shards in {d}")
     source = source or d.resolve().name
     listing = [(p.name, p.stat().st_size) for p in tars]
-    fingerprint = hashlib.sha1(json.dumps([WRITER_VERSION, "img2dataset", source, count, listing]).encode()).hexdigest()
+    fingerprint = hashlib.sha1(
+        json.dumps([WRITER_VERSION, "img2dataset", source, count, listing]).encode()
+    ).hexdigest()
     if not force and (stats := _stats_up_to_date(d, fingerprint)) is not None:
         return WriteReport(d, stats, "up-to-date", time.perf_counter() - t0)
     shards = []

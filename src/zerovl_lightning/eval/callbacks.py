@@ -1,13 +1,15 @@
-"""Lightning callbacks that evaluate the model while it trains: retrieval, zero-shot classification, linear probe.
+"""Lightning callbacks that evaluate the model while it trains: retrieval, zero-shot classification, linear
+probe.
 
 They decide *when* (before the first step = the untrained baseline, every N steps / epochs, at the end of fit)
-and *where results go* (loggers under stable names, a results JSON per task in the run folder, recall@K plots, a
-wandb table of example queries). The math lives in :mod:`retrieval`, :mod:`zeroshot`, :mod:`linear_probe`; the
-callbacks only call ``model.encode_*``.
+and *where results go* (loggers under stable names, a results JSON per task in the run folder, recall@K plots,
+a wandb table of example queries). The math lives in :mod:`retrieval`, :mod:`zeroshot`, :mod:`linear_probe`;
+the callbacks only call ``model.encode_*``.
 
-Every rank evaluates its share of each set and the metrics are synced, so the callbacks work unchanged under DDP;
-rank 0 writes the files. ``callback.history`` is the list of all records (see :mod:`report`) and survives
-checkpoint resume through the callback ``state_dict``; :meth:`EvalCallback.format_report` prints "step 0 vs final".
+Every rank evaluates its share of each set and the metrics are synced, so the callbacks work unchanged under
+DDP; rank 0 writes the files. ``callback.history`` is the list of all records (see :mod:`report`) and survives
+checkpoint resume through the callback ``state_dict``; :meth:`EvalCallback.format_report` prints "step 0 vs
+final".
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class EvalCallback(Callback):
     Args:
         every_n_steps: evaluate after every N optimizer steps (None: never on a step count).
         every_n_epochs: evaluate at the end of every N training epochs (None: never on epochs).
-        at_start: evaluate before the first step (the untrained baseline, logged as step 0); skipped on resume.
+        at_start: evaluate before the first step (the untrained baseline, logged as step 0); skipped on
+        resume.
         at_end: evaluate when fit ends, unless that step was just evaluated.
         output_dir: run folder for ``eval/<task>.json`` (and plots); default ``trainer.default_root_dir``.
         batch_size / num_workers: of the evaluation loaders (workers compete with training on small machines).
@@ -137,8 +140,12 @@ class EvalCallback(Callback):
         records = self.make_records(model, self.evaluate(model, trainer), step, epoch)
         self.history.extend(records)
         self._last_step = step
-        flat = {f"{self.prefix}/{r['dataset']}/{k}": float(r["metrics"][k]) for r in records for k in self.log_keys
-                if k in r["metrics"]}
+        flat = {
+            f"{self.prefix}/{r['dataset']}/{k}": float(r["metrics"][k])
+            for r in records
+            for k in self.log_keys
+            if k in r["metrics"]
+        }
         for name, value in flat.items():
             trainer.callback_metrics[name] = torch.tensor(value)
         if trainer.is_global_zero:
@@ -175,7 +182,8 @@ class RetrievalCallback(EvalCallback):
 
     Args:
         sets: ``{name: shard folder | glob | list}``, or a glob of set folders such as
-            ``<cache>/demo/*/heldout`` (the set is named after the folder above ``heldout``). Resolved at first use.
+            ``<cache>/demo/*/heldout`` (the set is named after the folder above ``heldout``). Resolved at
+            first use.
         ks / chunk_size / ties: see :class:`~zerovl_lightning.eval.retrieval.RetrievalMetric`.
         curve_max_k: largest K of the recall@K plot (``eval/recall_at_k.png`` and one PNG per step).
         num_examples: example queries per direction in the wandb table (0 disables; wandb loggers only).
@@ -203,7 +211,11 @@ class RetrievalCallback(EvalCallback):
         self.ks = tuple(int(k) for k in ks)
         self.chunk_size, self.ties = chunk_size, ties
         self.curve_max_k, self.num_examples = curve_max_k, num_examples
-        self.log_keys = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in self.ks) + ("rsum", "i2t_medr", "t2i_medr")
+        self.log_keys = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in self.ks) + (
+            "rsum",
+            "i2t_medr",
+            "t2i_medr",
+        )
         self._resolved: dict[str, list[str]] | None = None
         self.curves: list[tuple[int, dict[str, dict[str, list[float]]]]] = []  # (step, set → direction → R@K)
         self._metrics: dict[str, RetrievalMetric] = {}
@@ -219,8 +231,15 @@ class RetrievalCallback(EvalCallback):
         self._metrics = {}
         for name, shards in self.resolved_sets().items():
             metrics, metric = evaluate_retrieval(
-                model, shards, self.ks, self.chunk_size, self.ties,  # type: ignore[arg-type]
-                self.batch_size, self.num_workers, self.progress_enabled, f"retrieval {name}",
+                model,
+                shards,
+                self.ks,
+                self.chunk_size,
+                self.ties,  # type: ignore[arg-type]
+                self.batch_size,
+                self.num_workers,
+                self.progress_enabled,
+                f"retrieval {name}",
             )
             results[name] = metrics
             ranks = metric.last[0] if metric.last else None
@@ -241,12 +260,16 @@ class RetrievalCallback(EvalCallback):
         step, curves = self.curves[-1]
         out = self.results_dir(trainer)
         try:
-            report.plot_recall_curves(curves, out / f"recall_at_k_step{step:06d}.png", title=f"step {step}",
-                                      label=f"step {step}")
+            report.plot_recall_curves(
+                curves, out / f"recall_at_k_step{step:06d}.png", title=f"step {step}", label=f"step {step}"
+            )
             first_step, first = self.curves[0]
             report.plot_recall_curves(
-                curves, out / "recall_at_k.png", baseline=first if first_step != step else None,
-                title=f"recall@K, step {first_step} (dashed) vs step {step}", baseline_label=f"step {first_step}",
+                curves,
+                out / "recall_at_k.png",
+                baseline=first if first_step != step else None,
+                title=f"recall@K, step {first_step} (dashed) vs step {step}",
+                baseline_label=f"step {first_step}",
                 label=f"step {step}",
             )
         except Exception as e:  # a plotting problem must never stop training
@@ -275,17 +298,20 @@ class RetrievalCallback(EvalCallback):
 def example_tables(
     metric: RetrievalMetric, shards: Sequence[str], num_examples: int = 8, k: int = 5, as_wandb: bool = True
 ) -> dict[str, tuple[list[str], list[list[Any]]]]:
-    """Example queries with their top-k results from the last compute: ``text_to_image`` and ``image_to_text``.
+    """Example queries with their top-k results from the last compute: ``text_to_image`` and
+    ``image_to_text``.
 
-    Queries are spread evenly over the id-ordered galleries (deterministic); ✓ marks a correct result.
-    Images are thumbnails read back from the shards (``wandb.Image`` when ``as_wandb``, else PIL).
+    Queries are spread evenly over the id-ordered galleries (deterministic); ✓ marks a correct result. Images
+    are thumbnails read back from the shards (``wandb.Image`` when ``as_wandb``, else PIL).
     """
     if metric.last is None:
         raise ValueError("compute() the metric first")
     ranks, image_emb, text_emb = metric.last
     n_txt, n_q = ranks.caption_ids.numel(), ranks.query_image_index.numel()
     txt_q = torch.linspace(0, n_txt - 1, min(num_examples, n_txt)).round().long().unique()
-    img_q = ranks.query_image_index[torch.linspace(0, n_q - 1, min(num_examples, n_q)).round().long().unique()]
+    img_q = ranks.query_image_index[
+        torch.linspace(0, n_q - 1, min(num_examples, n_q)).round().long().unique()
+    ]
     _, t2i_top = chunked_topk(text_emb[txt_q], image_emb, k)
     _, i2t_top = chunked_topk(image_emb[img_q], text_emb, k)
     image_ids = set(ranks.image_ids[t2i_top.flatten()].tolist()) | set(ranks.image_ids[img_q].tolist())
@@ -310,8 +336,11 @@ def example_tables(
     rows_i2t = []
     i2t_rank = dict(zip(ranks.query_image_index.tolist(), ranks.i2t.tolist()))
     for q, top in zip(img_q.tolist(), i2t_top.tolist()):
-        cells = [("✓ " if int(ranks.caption_image_index[j]) == q else "") + captions.get(int(ranks.caption_ids[j]), "")
-                 for j in top]
+        cells = [
+            ("✓ " if int(ranks.caption_image_index[j]) == q else "")
+            + captions.get(int(ranks.caption_ids[j]), "")
+            for j in top
+        ]
         rows_i2t.append([show(int(ranks.image_ids[q])), i2t_rank[q] + 1, *cells])
     return {"text_to_image": (cols_t2i, rows_t2i), "image_to_text": (cols_i2t, rows_i2t)}
 
@@ -356,7 +385,9 @@ class ZeroShotCallback(EvalCallback):
             self._datasets = _classification_sets(self.sets, self.test_limit, None, with_train=False)
         progress = self.progress_enabled
         return {
-            ds.name: evaluate_zeroshot(model, ds, self.batch_size, self.num_workers, self.image_size, progress)
+            ds.name: evaluate_zeroshot(
+                model, ds, self.batch_size, self.num_workers, self.image_size, progress
+            )
             for ds in self._datasets
         }
 
@@ -365,13 +396,16 @@ class ZeroShotCallback(EvalCallback):
 
 
 class LinearProbeCallback(EvalCallback):
-    """Linear probe on frozen pre-projection image features (L-BFGS logistic regression, λ chosen on validation).
+    """Linear probe on frozen pre-projection image features (L-BFGS logistic regression, λ chosen on
+    validation).
 
     Args:
         sets: as :class:`ZeroShotCallback`; each needs a train split (the built-ins have one).
         train_limit / test_limit: class-balanced subsets (None: all; Fashion-MNIST has 60k / 10k).
-        image_size: eval resolution override; convolutional towers give good Fashion-MNIST features at 48–64 px.
-        weight_decays / val_fraction / max_iter: the L2 sweep (see :func:`~zerovl_lightning.eval.linear_probe.linear_probe`).
+        image_size: eval resolution override; convolutional towers give good Fashion-MNIST features at 48–64
+        px.
+        weight_decays / val_fraction / max_iter: the L2 sweep (see
+        :func:`~zerovl_lightning.eval.linear_probe.linear_probe`).
 
     Logs ``linear_probe/<set>/{top1,top5}``. Defaults to the end of fit only (features of the untrained towers
     are the pretrained towers' features, so step 0 is often interesting too: set ``at_start``).
@@ -401,12 +435,21 @@ class LinearProbeCallback(EvalCallback):
 
     def evaluate(self, model: nn.Module, trainer: L.Trainer | None = None) -> dict[str, dict[str, float]]:
         if self._datasets is None:
-            self._datasets = _classification_sets(self.sets, self.test_limit, self.train_limit, with_train=True)
+            self._datasets = _classification_sets(
+                self.sets, self.test_limit, self.train_limit, with_train=True
+            )
         progress = self.progress_enabled
         return {
             ds.name: evaluate_linear_probe(
-                model, ds, self.batch_size, self.num_workers, self.image_size, self.weight_decays,
-                self.val_fraction, self.max_iter, progress,
+                model,
+                ds,
+                self.batch_size,
+                self.num_workers,
+                self.image_size,
+                self.weight_decays,
+                self.val_fraction,
+                self.max_iter,
+                progress,
             )
             for ds in self._datasets
         }

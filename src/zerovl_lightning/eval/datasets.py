@@ -1,8 +1,12 @@
-"""Evaluation data: the eval transform, retrieval shards (webdataset), and labelled sets for zero-shot / probes.
+"""Evaluation data: the eval transform, retrieval shards (webdataset), and labelled sets for zero-shot /
+probes.
 
-Everything here reads local files only. Retrieval sets are webdataset shards in the project's contract (one sample
-per caption: ``KEY.{jpg,png,webp}``, ``KEY.txt``, ``KEY.json`` with ``image_id`` and ``caption_id``). Labelled sets
-are the offline Fashion-MNIST (Debian ``dataset-fashion-mnist``) and scikit-learn digits, or any image folder /
+Everything here reads local files only. Retrieval sets are webdataset shards in the project's contract (one
+sample
+per caption: ``KEY.{jpg,png,webp}``, ``KEY.txt``, ``KEY.json`` with ``image_id`` and ``caption_id``).
+Labelled sets
+are the offline Fashion-MNIST (Debian ``dataset-fashion-mnist``) and scikit-learn digits, or any image folder
+/
 webdataset with a class-name list.
 """
 
@@ -42,7 +46,7 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 DIGIT_TEMPLATES = ('a photo of the number: "{c}".', "the digit {c}.", "a drawing of the number {c}.", "{c}")
 
 
-# ---------------------------------------------------------------------------------------------------- transform
+# ------------------------------------------------------------------------------------------- transform
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparent regions composited on white (clip art and stamps are RGBA on transparent)."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -52,34 +56,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def eval_transform(preprocess_cfg: Mapping[str, Any], image_size: int | None = None) -> Callable[[Any], torch.Tensor]:
-    """ZeroVL's eval transform: Resize((s·256/224, s·256/224)) → CenterCrop(s) → normalise (fp32, no augmentation).
+def eval_transform(
+    preprocess_cfg: Mapping[str, Any], image_size: int | None = None
+) -> Callable[[Any], torch.Tensor]:
+    """ZeroVL's eval transform for a PIL image: RGB on white, Resize((s·256/224)²), CenterCrop(s), normalise.
 
-    ``preprocess_cfg`` is the model's open_clip config (size, mean, std, interpolation); ``image_size`` overrides
-    the size (convolutional towers with global pooling, e.g. a cheaper linear probe on 28-px Fashion-MNIST).
+    The tensor part is :func:`zerovl_lightning.data.transforms.build_eval_transform` (fp32, no augmentation);
+    ``image_size`` overrides the model's size (convolutional towers with global pooling, e.g. a cheaper linear
+    probe on 28-px Fashion-MNIST).
     """
-    size = preprocess_cfg.get("size", 224) if image_size is None else image_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    resize = round(size * 256 / 224)
-    interpolation = {
-        "bicubic": T.InterpolationMode.BICUBIC,
-        "bilinear": T.InterpolationMode.BILINEAR,
-        "nearest": T.InterpolationMode.NEAREST,
-    }[str(preprocess_cfg.get("interpolation", "bicubic"))]
-    return T.Compose(
-        [
-            to_rgb,
-            T.Resize((resize, resize), interpolation=interpolation),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(tuple(preprocess_cfg["mean"]), tuple(preprocess_cfg["std"])),
-        ]
-    )
+    from zerovl_lightning.data.transforms import build_eval_transform
+
+    return T.Compose([to_rgb, build_eval_transform(preprocess_cfg, image_size)])
 
 
-# ---------------------------------------------------------------------------------------------------- retrieval
+# ------------------------------------------------------------------------------------------- retrieval
 def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths from a folder (its ``*.tar``), a glob, a brace pattern (``shard-{000000..000003}.tar``) or a list."""
+    """Shard paths from a folder (its ``*.tar``), a glob, a brace pattern (``shard-{000000..000003}.tar``) or
+    a list."""
     if isinstance(spec, (str, os.PathLike)):
         spec = [spec]
     out: list[str] = []
@@ -97,12 +91,15 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             out.append(item)
     missing = [p for p in out if not os.path.isfile(p)]
     if not out or missing:
-        raise FileNotFoundError(f"no webdataset shards at {spec!r}" + (f" (missing: {missing[:3]})" if missing else ""))
+        raise FileNotFoundError(
+            f"no webdataset shards at {spec!r}" + (f" (missing: {missing[:3]})" if missing else "")
+        )
     return out
 
 
 def resolve_retrieval_sets(sets: str | Mapping[str, Any] | Sequence[str]) -> dict[str, list[str]]:
-    """Named shard lists from ``{name: spec}``, or from a glob of folders (name = the folder above ``heldout``).
+    """Named shard lists from ``{name: spec}``, or from a glob of folders (name = the folder above
+    ``heldout``).
 
     ``"<cache>/demo/*/heldout"`` finds every demo source's held-out split, whatever sources the builder wrote.
     """
@@ -141,16 +138,19 @@ def _decode_image(sample: Mapping[str, Any]) -> Image.Image:
 def _decode_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if "image_id" not in meta or "caption_id" not in meta:
-        raise KeyError(f"sample {sample.get('__key__')}: KEY.json needs image_id and caption_id (docs/CONTRACTS.md)")
+        raise KeyError(
+            f"sample {sample.get('__key__')}: KEY.json needs image_id and caption_id (docs/CONTRACTS.md)"
+        )
     return meta
 
 
 class RetrievalShards(IterableDataset):
-    """One dict per caption sample: ``image`` (transformed, or PIL), ``caption``, ``image_id``, ``caption_id``, ``key``.
+    """One dict per caption sample: ``image`` (transformed, or PIL), ``caption``, ``image_id``,
+    ``caption_id``, ``key``.
 
-    Deterministic split across DDP ranks *inside* each shard (sample ``i`` of a shard goes to rank ``i % world``) so
-    every rank gets a share whatever the shard count, with no padding; DataLoader workers split by shard. Images of
-    samples whose ``image_id`` is in ``skip_image_ids`` are not decoded (``image`` is None).
+    Deterministic split across DDP ranks *inside* each shard (sample ``i`` of a shard goes to rank ``i %
+    world``) so every rank gets a share whatever the shard count, with no padding; DataLoader workers split by
+    shard.
     """
 
     def __init__(
@@ -204,10 +204,12 @@ def collate_retrieval(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_items_by_id(
-    shards: Sequence[str], image_ids: set[int] | None = None, caption_ids: set[int] | None = None,
+    shards: Sequence[str],
+    image_ids: set[int] | None = None,
+    caption_ids: set[int] | None = None,
     thumbnail: int = 128,
 ) -> tuple[dict[int, Image.Image], dict[int, str]]:
-    """Thumbnails of some images and texts of some captions, read back from the shards (for example tables)."""
+    """Thumbnails of some images and texts of some captions, read back from the shards (example tables)."""
     image_ids, caption_ids = set(image_ids or ()), set(caption_ids or ())
     images: dict[int, Image.Image] = {}
     captions: dict[int, str] = {}
@@ -224,7 +226,7 @@ def load_items_by_id(
     return images, captions
 
 
-# ---------------------------------------------------------------------------------------------- classification
+# -------------------------------------------------------------------------------------- classification
 class ArrayImages(Dataset):
     """uint8 grey images [N, H, W] + labels → (PIL RGB image, label); grey is replicated to RGB."""
 
@@ -268,7 +270,8 @@ class ClassificationSet:
 
 
 def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
-    """The first ``limit // C`` indices of every class (deterministic, class-balanced); all when ``limit`` is None."""
+    """The first ``limit // C`` indices of every class (deterministic, class-balanced); all when ``limit`` is
+    None."""
     if limit is None or limit >= len(labels):
         return np.arange(len(labels))
     classes = np.unique(labels)
@@ -278,7 +281,7 @@ def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """idx-ubyte(.gz) → uint8 array; the header gives the dimensions (big-endian int32s after a 4-byte magic)."""
+    """idx-ubyte(.gz) → uint8 array; dimensions from the header (big-endian int32 after a 4-byte magic)."""
     with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
@@ -287,9 +290,13 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def fashion_mnist(
-    split: str = "test", limit: int | None = 1000, root: str | os.PathLike = FASHION_MNIST_ROOT, invert: bool = True
+    split: str = "test",
+    limit: int | None = 1000,
+    root: str | os.PathLike = FASHION_MNIST_ROOT,
+    invert: bool = True,
 ) -> ArrayImages:
-    """Fashion-MNIST from the Debian package; inverted (255 − x) to dark-on-white like the clip-art training data."""
+    """Fashion-MNIST from the Debian package; inverted (255 − x) to dark-on-white like the clip-art training
+    data."""
     prefix = {"test": "t10k", "train": "train"}[split]
     root = Path(root)
     try:
@@ -305,7 +312,7 @@ def fashion_mnist(
 
 
 def digits(split: str = "test", limit: int | None = None, invert: bool = True) -> ArrayImages:
-    """scikit-learn's 8×8 digits (1,797); every third image is test, the rest train; ink 0–16 scaled to 0–255."""
+    """scikit-learn's 8×8 digits (1,797); every third image is test; ink 0–16 scaled to 0–255."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -319,7 +326,8 @@ def digits(split: str = "test", limit: int | None = None, invert: bool = True) -
 
 
 class WebdatasetImages(Dataset):
-    """A labelled webdataset read into memory (small eval sets): label from ``KEY.cls`` or a ``KEY.json`` field."""
+    """A labelled webdataset read into memory (small eval sets): label from ``KEY.cls`` or a ``KEY.json``
+    field."""
 
     def __init__(self, shards: str | Sequence[str], label_key: str = "cls", limit: int | None = None) -> None:
         self.items: list[tuple[bytes, int]] = []
@@ -358,17 +366,22 @@ def _split_dataset(kind: str, split: str, spec: Mapping[str, Any], limit: int | 
         return torch.utils.data.Subset(folder, keep.tolist())
     if kind == "webdataset":
         return WebdatasetImages(path, spec.get("label_key", "cls"), limit)
-    raise ValueError(f"unknown classification set type {kind!r} (fashion_mnist, digits, imagefolder, webdataset)")
+    raise ValueError(
+        f"unknown classification set type {kind!r} (fashion_mnist, digits, imagefolder, webdataset)"
+    )
 
 
 def build_classification_set(
-    spec: str | Mapping[str, Any], test_limit: int | None = 1000, train_limit: int | None = 2000,
+    spec: str | Mapping[str, Any],
+    test_limit: int | None = 1000,
+    train_limit: int | None = 2000,
     with_train: bool = False,
 ) -> ClassificationSet:
     """A :class:`ClassificationSet` from a built-in name (``fashion_mnist``, ``digits``) or a mapping.
 
     Mapping keys: ``name``, ``type`` (fashion_mnist | digits | imagefolder | webdataset), ``test`` / ``train``
-    (folder or shards), ``classnames`` (list or a text file, one per line; image folders default to folder names),
+    (folder or shards), ``classnames`` (list or a text file, one per line; image folders default to folder
+    names),
     ``templates``, ``label_key``, ``test_limit``, ``train_limit``.
     """
     spec = {"name": spec, "type": spec} if isinstance(spec, str) else dict(spec)
@@ -378,7 +391,10 @@ def build_classification_set(
     train_limit = spec.get("train_limit", train_limit)
     test = _split_dataset(kind, "test", spec, test_limit)
     train = _split_dataset(kind, "train", spec, train_limit) if with_train else None
-    defaults = {"fashion_mnist": (FASHION_MNIST_CLASSES, DEFAULT_TEMPLATES), "digits": (DIGIT_CLASSES, DIGIT_TEMPLATES)}
+    defaults = {
+        "fashion_mnist": (FASHION_MNIST_CLASSES, DEFAULT_TEMPLATES),
+        "digits": (DIGIT_CLASSES, DIGIT_TEMPLATES),
+    }
     classnames, templates = defaults.get(kind, (None, DEFAULT_TEMPLATES))
     if spec.get("classnames") is not None:
         classnames = spec["classnames"]
@@ -393,7 +409,7 @@ def build_classification_set(
     return ClassificationSet(name, list(classnames), test, train, list(templates))
 
 
-# ---------------------------------------------------------------------------------------------- encoding helpers
+# ------------------------------------------------------------------------------------ encoding helpers
 class evaluating:  # noqa: N801  (used as a context manager, reads like one)
     """Eval mode, no grad, fp32 autocast off for the duration; restores the previous train/eval mode.
 

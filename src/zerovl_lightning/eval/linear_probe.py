@@ -1,10 +1,11 @@
-"""Linear probe: frozen image-tower features *before* the projection, a multinomial logistic regression on top.
+"""Linear probe: frozen image-tower features *before* the projection, a multinomial logistic regression on
+top.
 
 ZeroVL (§7) and CLIP probe the representation of the image tower, not the joint embedding: the projection is
-trained for the contrastive task and may discard what a classifier could use. Which tensor that is depends on the
-open_clip tower (:func:`image_features`). The classifier is fitted full-batch with L-BFGS on standardised
-features; the L2 strength is chosen on a held-out validation split of the training set, then refitted on the whole
-training set (as CLIP_benchmark / CLIP's sweep, smaller).
+trained for the contrastive task and may discard what a classifier could use. Which tensor that is depends on
+the open_clip tower (:func:`image_features`). The classifier is fitted full-batch with L-BFGS on standardised
+features; the L2 strength is chosen on a held-out validation split of the training set, then refitted on the
+whole training set (as CLIP_benchmark / CLIP's sweep, smaller).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from zerovl_lightning.eval.datasets import ClassificationSet, Transformed, eval_transform, evaluating, rank_subset
+from zerovl_lightning.eval.datasets import (
+    ClassificationSet,
+    Transformed,
+    eval_transform,
+    evaluating,
+    rank_subset,
+)
 from zerovl_lightning.eval.zeroshot import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -29,9 +36,11 @@ DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 def image_features(model: nn.Module, images: Tensor) -> Tensor:
     """[B, F] image-tower features before the projection to the joint space.
 
-    - timm towers (``clip.visual.trunk``): the trunk's pooled output (global average pool, or ``token`` for ViTs);
+    - timm towers (``clip.visual.trunk``): the trunk's pooled output (global average pool, or ``token`` for
+      ViTs);
       an unpooled map (attention-pool configs) is averaged over space.
-    - open_clip ViT (``VisionTransformer``): the pooled token after ``ln_post``, i.e. ``forward`` without ``proj``.
+    - open_clip ViT (``VisionTransformer``): the pooled token after ``ln_post``, i.e. ``forward`` without
+      ``proj``.
     - open_clip ModifiedResNet: layer4 averaged over space (its attention pool ends in the projection).
     - anything else: the projected, un-normalised embedding (logged once).
     """
@@ -54,7 +63,9 @@ def image_features(model: nn.Module, images: Tensor) -> Tensor:
         x = visual.stem(images)
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         return x.mean(dim=(2, 3))
-    log.warning("linear probe: no pre-projection hook for %s; using the projected embedding", type(visual).__name__)
+    log.warning(
+        "linear probe: no pre-projection hook for %s; using the projected embedding", type(visual).__name__
+    )
     return model.encode_image(images, normalize=False)  # type: ignore[operator]
 
 
@@ -69,8 +80,8 @@ def extract_features(
     progress: bool = True,
     desc: str = "features",
 ) -> tuple[Tensor, Tensor]:
-    """(features [N, F] fp32, labels [N]) over the whole dataset; under DDP each rank encodes its share and the
-    shares are gathered (every rank gets all rows)."""
+    """(features [N, F] fp32, labels [N]) over the whole dataset; under DDP each rank encodes its share and
+    the shares are gathered (every rank gets all rows)."""
     from torchmetrics.utilities.distributed import gather_all_tensors
 
     from zerovl_lightning.distributed import world_info
@@ -95,12 +106,18 @@ def extract_features(
 def fit_logistic_regression(
     x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 100
 ) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression, full-batch L-BFGS: minimise CE + (λ/2)·‖W‖². Returns (W [F, C], b [C])."""
+    """Multinomial logistic regression, full-batch L-BFGS: minimise CE + (λ/2)·‖W‖². Returns (W [F, C], b
+    [C])."""
     weight = torch.zeros(x.shape[1], num_classes, device=x.device, dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-7, tolerance_change=1e-10,
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
     )
 
     def closure() -> Tensor:
@@ -132,8 +149,8 @@ def linear_probe(
 ) -> dict[str, float]:
     """Pick λ on a seeded validation split of the training features, refit on all of them, score the test set.
 
-    Returns ``top1``, ``top5`` (≥ 5 classes), ``mean_per_class_recall`` (fractions), ``weight_decay`` (chosen λ),
-    ``val_top1`` (its validation accuracy), ``num_train``, ``num_test``.
+    Returns ``top1``, ``top5`` (≥ 5 classes), ``mean_per_class_recall`` (fractions), ``weight_decay`` (chosen
+    λ), ``val_top1`` (its validation accuracy), ``num_train``, ``num_test``.
     """
     if len(weight_decays) == 0:
         raise ValueError("weight_decays must not be empty")
@@ -156,7 +173,12 @@ def linear_probe(
     metrics = classification_metrics(num_classes, "cpu")
     metrics.update((sx @ w + b).cpu(), test_y.cpu())
     out = {k: float(v) for k, v in metrics.compute().items()}
-    out.update(weight_decay=best_wd, val_top1=best_acc, num_train=float(train_x.shape[0]), num_test=float(test_x.shape[0]))
+    out.update(
+        weight_decay=best_wd,
+        val_top1=best_acc,
+        num_train=float(train_x.shape[0]),
+        num_test=float(test_x.shape[0]),
+    )
     return out
 
 
@@ -171,7 +193,8 @@ def evaluate_linear_probe(
     max_iter: int = 100,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Frozen features of ``dataset.train`` / ``dataset.test`` → :func:`linear_probe` (see there for the keys)."""
+    """Frozen features of ``dataset.train`` / ``dataset.test`` → :func:`linear_probe` (see there for the
+    keys)."""
     if dataset.train is None:
         raise ValueError(f"linear probe on {dataset.name!r} needs a train split")
     pp = dict(model.preprocess_cfg)  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ TASK_TITLES = {
 
 
 def select_steps(records: Sequence[Mapping[str, Any]], which: str = "first_last") -> list[Mapping[str, Any]]:
-    """``first_last``: the records of the first and the last evaluated step (the untrained baseline vs final)."""
+    """``first_last``: the records of the first and the last evaluated step (untrained baseline vs final)."""
     if which == "all" or not records:
         return list(records)
     steps = sorted({int(r["step"]) for r in records})
@@ -59,8 +59,12 @@ def format_table(records: Sequence[Mapping[str, Any]], which: str = "first_last"
         rows = [r for r in chosen if r["task"] == task]
         columns = TABLE_COLUMNS.get(task) or [(k, k) for k in rows[0]["metrics"]]
         header = ["set", "step", *[h for _, h in columns]]
-        lines = [f"**{TASK_TITLES.get(task, task)}**", "", "| " + " | ".join(header) + " |",
-                 "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|"]
+        lines = [
+            f"**{TASK_TITLES.get(task, task)}**",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|",
+        ]
         sets = list(dict.fromkeys(r["dataset"] for r in rows))
         for name in sets:
             for r in sorted((r for r in rows if r["dataset"] == name), key=lambda r: int(r["step"])):
@@ -106,8 +110,14 @@ def plot_recall_curves(
             ax.plot(range(1, len(y) + 1), y, color=color, label=f"{set_name} {label}".strip())
             if baseline and set_name in baseline:
                 yb = [100 * v for v in baseline[set_name][direction]]
-                ax.plot(range(1, len(yb) + 1), yb, color=color, ls="--", alpha=0.7,
-                        label=f"{set_name} {baseline_label}")
+                ax.plot(
+                    range(1, len(yb) + 1),
+                    yb,
+                    color=color,
+                    ls="--",
+                    alpha=0.7,
+                    label=f"{set_name} {baseline_label}",
+                )
         ax.set_title(name)
         ax.set_xlabel("K")
         ax.set_xscale("log")

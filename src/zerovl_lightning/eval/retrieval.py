@@ -1,20 +1,25 @@
-"""Zero-shot image–text retrieval (R@K, RSUM, median rank), exact and memory-bounded, as a torchmetrics ``Metric``.
+"""Zero-shot image–text retrieval (R@K, RSUM, median rank), exact and memory-bounded, as a torchmetrics
+``Metric``.
 
 Protocol (zerovl-method.md §6): every caption and every unique image is encoded once; image→text R@K counts an
-image as a hit when **any** of its captions ranks in its top K; text→image R@K counts a caption as a hit when its
-image ranks in its top K; RSUM is the sum of the six recalls in percent.
+image as a hit when **any** of its captions ranks in its top K; text→image R@K counts a caption as a hit when
+its image ranks in its top K; RSUM is the sum of the six recalls in percent.
 
-Peers (OpenCLIP, the official ZeroVL code) build the full N×M similarity matrix and argsort it. Here each query's
+Peers (OpenCLIP, the official ZeroVL code) build the full N×M similarity matrix and argsort it. Here each
+query's
 rank is *counted*: one chunk of queries is scored against the whole gallery, and for each query we count the
-non-matching gallery items that score at least as high as its best match. That is exactly the position the best
-match would get in a sorted list, so R@K for every K and the median rank follow, with memory O(chunk × gallery)
+non-matching gallery items that score at least as high as its best match. That is exactly the position the
+best
+match would get in a sorted list, so R@K for every K and the median rank follow, with memory O(chunk ×
+gallery)
 instead of O(N × M) (plus O(N × M) int64 for argsort). :func:`chunked_topk` keeps a running top-k over gallery
 chunks for the example tables.
 
-Ties are defined, not left to the sort: ``ties="pessimistic"`` (default) ranks a non-matching item with a score
-equal to the best match *ahead* of it, so a collapsed model that scores everything equally gets R@K = 0 rather than
-100; ``ties="optimistic"`` ranks matches first. Several matching captions tied with each other never hurt: the
-image→text rank is that of the best-scoring match. Non-finite scores (a diverged model) rank last.
+Ties are defined, not left to the sort: ``ties="pessimistic"`` (default) ranks a non-matching item with a
+score equal to the best match *ahead* of it, so a collapsed model that scores everything equally gets R@K = 0
+rather than 100; ``ties="optimistic"`` ranks matches first. Several matching captions tied with each other
+never hurt: the image→text rank is that of the best-scoring match. Non-finite scores (a diverged model) rank
+last.
 
 Recalls are fractions in [0, 1]; RSUM is in percent (0–600), as in the paper. Median rank is 1-based:
 ``floor(median(0-based ranks)) + 1`` (the VSE / ZeroVL convention).
@@ -46,8 +51,13 @@ class RetrievalRanks:
     query_image_index: Tensor  # [num query images] images with ≥ 1 caption (the image→text queries)
 
 
-def first_unique(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Sorted unique ids and the index of one occurrence of each (drops DDP padding duplicates)."""
+def first_unique(ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Sorted unique ids and the index of one occurrence of each (drops DDP padding duplicates).
+
+    The index is None when the ids are already sorted and unique: callers then skip copying embeddings.
+    """
+    if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return ids, None
     sorted_ids, order = torch.sort(ids, stable=True)
     keep = torch.ones_like(sorted_ids, dtype=torch.bool)
     keep[1:] = sorted_ids[1:] != sorted_ids[:-1]
@@ -55,7 +65,7 @@ def first_unique(ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _count_ahead(scores: Tensor, best: Tensor, ties: Ties) -> Tensor:
-    """Per row: how many entries (matches already set to -inf) rank ahead of ``best``; NaN best → all of them."""
+    """Per row: how many entries (matches already set to -inf) rank ahead of ``best``; NaN best → all."""
     ahead = (scores >= best[:, None]) if ties == "pessimistic" else (scores > best[:, None])
     count = ahead.sum(dim=1)
     return torch.where(torch.isfinite(best), count, torch.full_like(count, scores.shape[1]))
@@ -74,7 +84,8 @@ def retrieval_ranks(
         image_emb: [Ni, D] one row per unique image; text_emb: [Nt, D] one row per caption.
         caption_image_index: [Nt] row of each caption's image in ``image_emb``.
     Returns:
-        ``(i2t [Nq], t2i [Nt], query_image_index [Nq])``: 0-based ranks; images without captions are not queries.
+        ``(i2t [Nq], t2i [Nt], query_image_index [Nq])``: 0-based ranks; images without captions are not
+        queries.
     """
     if ties not in ("pessimistic", "optimistic"):
         raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
@@ -153,7 +164,8 @@ def summarize(ranks: RetrievalRanks, ks: Sequence[int] = (1, 5, 10)) -> dict[str
 
 
 def clip_benchmark_keys(metrics: dict[str, float], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """CLIP_benchmark names: ``image_retrieval_recall@K`` is text→image, ``text_retrieval_recall@K`` image→text."""
+    """CLIP_benchmark names: ``image_retrieval_recall@K`` is text→image, ``text_retrieval_recall@K``
+    image→text."""
     out = {}
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = metrics[f"t2i_r{k}"]
@@ -185,13 +197,14 @@ def chunked_topk(queries: Tensor, gallery: Tensor, k: int, chunk_size: int = 409
 class RetrievalMetric(Metric):
     """Image–text retrieval over everything passed to :meth:`update`, synced across DDP ranks.
 
-    ``update`` takes image embeddings with their image ids and caption embeddings with their caption ids (and the
-    image id of each caption when images are not given one per caption). Images are deduplicated by image id,
-    captions by caption id — a DistributedSampler's padding duplicates and the repeated image of a multi-caption
-    sample both disappear — and both galleries are put in id order, so results do not depend on the rank split.
+    ``update`` takes image embeddings with their image ids and caption embeddings with their caption ids (and
+    the image id of each caption when images are not given one per caption). Images are deduplicated by image
+    id, captions by caption id — a DistributedSampler's padding duplicates and the repeated image of a
+    multi-caption sample both disappear — and both galleries are put in id order, so results do not depend on
+    the rank split.
 
-    ``compute()`` returns a dict of scalars (see :func:`summarize`); :attr:`last` keeps the ranks and the synced
-    embeddings of the last compute for plots and example tables (cleared by ``reset``).
+    ``compute()`` returns a dict of scalars (see :func:`summarize`); :attr:`last` keeps the ranks and the
+    synced embeddings of the last compute for plots and example tables (cleared by ``reset``).
     """
 
     full_state_update = False
@@ -239,17 +252,22 @@ class RetrievalMetric(Metric):
         self.text_emb.append(text_emb.detach().float().to(self.device))
 
     def compute_ranks(self) -> tuple[RetrievalRanks, Tensor, Tensor]:
-        """Deduplicate, order by id, and rank both directions. Returns (ranks, image_emb, text_emb) in gallery order."""
+        """Deduplicate, order by id, and rank both directions. Returns (ranks, image_emb, text_emb) in gallery
+        order."""
         image_ids, image_emb = dim_zero_cat(self.image_ids), dim_zero_cat(self.image_emb)
         caption_ids, text_emb = dim_zero_cat(self.caption_ids), dim_zero_cat(self.text_emb)
         caption_image_ids = dim_zero_cat(self.caption_image_ids)
         if caption_ids.numel() == 0:
             raise ValueError("RetrievalMetric has no captions: call update() before compute()")
         image_ids, keep = first_unique(image_ids)
-        image_emb = image_emb[keep]
+        if keep is not None:
+            image_emb = image_emb[keep]
         caption_ids, keep = first_unique(caption_ids)
-        text_emb, caption_image_ids = text_emb[keep], caption_image_ids[keep]
-        caption_image_index = torch.searchsorted(image_ids, caption_image_ids).clamp(max=image_ids.numel() - 1)
+        if keep is not None:
+            text_emb, caption_image_ids = text_emb[keep], caption_image_ids[keep]
+        caption_image_index = torch.searchsorted(image_ids, caption_image_ids).clamp(
+            max=image_ids.numel() - 1
+        )
         unknown = image_ids[caption_image_index] != caption_image_ids
         if bool(unknown.any()):
             raise ValueError(f"{int(unknown.sum())} captions refer to image ids without an image embedding")
@@ -326,7 +344,8 @@ def evaluate_retrieval(
     progress: bool = True,
     desc: str = "retrieval",
 ) -> tuple[dict[str, float], RetrievalMetric]:
-    """Encode a shard set and score it. Returns (metrics as floats, the metric with :attr:`RetrievalMetric.last`)."""
+    """Encode a shard set and score it. Returns (metrics as floats, the metric with
+    :attr:`RetrievalMetric.last`)."""
     device = next(model.parameters()).device
     metric = RetrievalMetric(ks=ks, chunk_size=chunk_size, ties=ties).to(device)
     encode_retrieval_set(model, shards, metric, batch_size, num_workers, progress, desc)

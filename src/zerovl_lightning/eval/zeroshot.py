@@ -1,8 +1,8 @@
 """Zero-shot classification: class names × prompt templates → a text classifier; top-1 / top-5 accuracy.
 
-CLIP's recipe: every class name is put into every template, the normalised text embeddings are averaged per class
-and re-normalised; an image's logits are its cosine similarities to these class embeddings. Accuracies come from
-torchmetrics (``MulticlassAccuracy`` with ``top_k``), which also syncs them across DDP ranks.
+CLIP's recipe: every class name is put into every template, the normalised text embeddings are averaged per
+class and re-normalised; an image's logits are its cosine similarities to these class embeddings. Accuracies
+come from torchmetrics (``MulticlassAccuracy`` with ``top_k``), which also syncs them across DDP ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from tqdm.auto import tqdm
 
-from zerovl_lightning.eval.datasets import ClassificationSet, Transformed, eval_transform, evaluating, rank_subset
+from zerovl_lightning.eval.datasets import (
+    ClassificationSet,
+    Transformed,
+    eval_transform,
+    evaluating,
+    rank_subset,
+)
 
 
 class Encoder(Protocol):
@@ -35,7 +41,8 @@ class Encoder(Protocol):
 def zeroshot_classifier(
     model: Encoder, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
 ) -> Tensor:
-    """[C, D] unit-norm class embeddings: mean over templates of the normalised prompt embeddings, re-normalised.
+    """[C, D] unit-norm class embeddings: mean over templates of the normalised prompt embeddings,
+    re-normalised.
 
     Templates use ``{c}`` for the class name (``{}`` works too).
     """
@@ -52,19 +59,25 @@ def zeroshot_classifier(
 
 
 def classification_metrics(num_classes: int, device: torch.device | str = "cpu") -> MetricCollection:
-    """top1, top5 (when there are ≥ 5 classes) and mean per-class recall, all micro/macro as CLIP_benchmark."""
+    """top1, top5 (when there are ≥ 5 classes) and mean per-class recall, as CLIP_benchmark."""
     metrics: dict[str, Any] = {
         "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
         "mean_per_class_recall": MulticlassRecall(num_classes, average="macro"),
     }
     if num_classes >= 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics).to(device)
+    # compute_groups=False: top-1 and top-5 have equal state shapes; torchmetrics would merge them for good if
+    # their states coincide after the first batch (a perfect first batch), and top-5 would then report top-1
+    return MetricCollection(metrics, compute_groups=False).to(device)
 
 
 def clip_benchmark_keys(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
-    """CLIP_benchmark's names: ``acc1``, ``acc5``, ``mean_per_class_recall`` (``lp_`` prefix for linear probes)."""
-    out = {f"{prefix}acc1": metrics["top1"], f"{prefix}mean_per_class_recall": metrics["mean_per_class_recall"]}
+    """CLIP_benchmark's names: ``acc1``, ``acc5``, ``mean_per_class_recall`` (``lp_`` prefix for linear
+    probes)."""
+    out = {
+        f"{prefix}acc1": metrics["top1"],
+        f"{prefix}mean_per_class_recall": metrics["mean_per_class_recall"],
+    }
     if "top5" in metrics:
         out[f"{prefix}acc5"] = metrics["top5"]
     return out
@@ -89,7 +102,9 @@ def evaluate_zeroshot(
         loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
         metrics = classification_metrics(dataset.num_classes, ev.device)
         n = torch.zeros((), device=ev.device)
-        for images, labels in tqdm(loader, desc=f"zero-shot {dataset.name}", disable=not progress, leave=False):
+        for images, labels in tqdm(
+            loader, desc=f"zero-shot {dataset.name}", disable=not progress, leave=False
+        ):
             emb = model.encode_image(ev.images(images), normalize=True).float()
             metrics.update(emb @ classifier.T, labels.to(ev.device))
             n += labels.numel()

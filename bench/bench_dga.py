@@ -1,0 +1,466 @@
+"""DGA on CPU: peak memory vs global batch, step time vs plain accumulation and OpenCLIP, gradient error.
+
+A small random-init open_clip model (ViT 32 px / patch 4 + text transformer, fp32), learnable temperature.
+Writes bench/results/dga.json, dga.md and dga.png. Comparisons, all on the same model, weights and data:
+
+- memory: one optimizer step at global batch N ∈ {b, 2b, 4b, 8b}, plain full batch vs DGA with sub-batch b,
+  each in a fresh subprocess; reported: peak RSS and its increase over the RSS just before the step.
+- time (median of interleaved repeats): DGA vs plain gradient accumulation (K micro-batches, each its own
+  contrastive loss — cheaper, not the full-batch gradient) vs OpenCLIP's own
+  ``open_clip_train.train.train_one_epoch`` with ``accum_freq=K`` (one optimizer step = K micro-batches).
+- gradient error vs a full-batch autograd step, temperature included, without and with dropout.
+
+Usage: ``python bench/bench_dga.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "head_width": 64, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 1000, "width": 128, "heads": 2, "layers": 3},
+}
+SUB_BATCH = 32
+TEMPERATURE = 0.02
+
+
+# ------------------------------------------------------------------------------------------ model + data
+def build_model(dropout: float = 0.0, seed: int = 0):
+    from zerovl_lightning.model import build_dual_encoder
+
+    torch.manual_seed(seed)
+    model = build_dual_encoder("bench-small", MODEL_CFG, temperature=TEMPERATURE, learn_temperature=True)
+    if dropout:
+        for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                m.dropout = dropout
+    return model.train()
+
+
+def make_batch(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ctx = MODEL_CFG["text_cfg"]["context_length"]
+    tokens = torch.randint(1, MODEL_CFG["text_cfg"]["vocab_size"] - 1, (n, ctx), generator=g)
+    tokens[:, ctx // 2 :] = 0
+    size = MODEL_CFG["vision_cfg"]["image_size"]
+    return {"image": torch.randn(n, 3, size, size, generator=g), "text": tokens}
+
+
+def encode(model, sub):
+    from zerovl_lightning.mixup import encode_pair
+
+    return encode_pair(model, sub["image"], sub["text"])
+
+
+# ------------------------------------------------------------------------------------------ one step each
+def step_full(model, batch) -> torch.Tensor:
+    from zerovl_lightning.loss import ContrastiveLoss
+
+    u, v = encode(model, batch)
+    loss = ContrastiveLoss()(u, v, model.logit_scale.exp())
+    loss.backward()
+    return loss.detach()
+
+
+def step_plain_accum(model, batch, k: int) -> None:
+    from zerovl_lightning.dga import split_batch
+    from zerovl_lightning.loss import ContrastiveLoss
+
+    for sub in split_batch(batch, len(batch["image"]) // k):
+        u, v = encode(model, sub)
+        (ContrastiveLoss()(u, v, model.logit_scale.exp()) / k).backward()
+
+
+def step_dga(model, batch, k: int) -> torch.Tensor:
+    from zerovl_lightning.dga import DecoupledStep, split_batch
+
+    subs = split_batch(batch, len(batch["image"]) // k)
+    return DecoupledStep()(model, lambda s: encode(model, s), subs, model.logit_scale).loss
+
+
+class _Loader:
+    """The slice of open_clip_train's DataInfo that train_one_epoch touches."""
+
+    def __init__(self, batch, k: int) -> None:
+        n = len(batch["image"])
+        self.micro = [
+            (batch["image"][i : i + n // k], batch["text"][i : i + n // k]) for i in range(0, n, n // k)
+        ]
+        self.num_batches, self.num_samples = k, n
+
+    def __iter__(self):
+        return iter(self.micro)
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """Keeps the gradients it is asked to apply (and applies nothing): OpenCLIP's step, observed."""
+
+    def __init__(self, params, apply: bool) -> None:
+        super().__init__(params, lr=1e-3 if apply else 0.0)
+        self.apply = apply
+        self.recorded: dict[int, torch.Tensor] = {}
+
+    def step(self, closure=None):
+        if not self.apply:
+            self.recorded = {
+                id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None
+            }
+            return None
+        return super().step(closure)
+
+
+def openclip_step(model, batch, k: int, optimizer) -> None:
+    """One optimizer step of OpenCLIP's own trainer loop with ``--accum-freq k``."""
+    import logging
+
+    from open_clip.loss import ClipLoss
+    from open_clip_train.train import train_one_epoch
+
+    logging.getLogger().setLevel(logging.WARNING)
+    clip = model.clip
+    clip.output_dict = True  # what OpenCLIP's trainer expects from model(images, texts)
+    args = SimpleNamespace(
+        device="cpu",
+        precision="fp32",
+        distill=False,
+        accum_freq=k,
+        skip_scheduler=True,
+        horovod=False,
+        grad_clip_norm=None,
+        log_every_n_steps=10**9,
+        batch_size=len(batch["image"]) // k,
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        wandb=False,
+    )
+    data = {"train": SimpleNamespace(set_epoch=lambda e: None, dataloader=_Loader(batch, k))}
+    try:
+        train_one_epoch(clip, data, ClipLoss(), 0, optimizer, None, None, None, args)
+    finally:
+        clip.output_dict = False
+
+
+# ------------------------------------------------------------------------------ memory (subprocess)
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM from /proc/self/status (VmHWM is this process's own peak; ru_maxrss would include the
+    parent's peak, which Linux carries across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def memory_worker(method: str, n: int) -> dict[str, float]:
+    torch.set_num_threads(2)
+    model = build_model()
+    batch = make_batch(n)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # allocate AdamW's state up front (it is lazy), so the measured step only adds activations and gradients
+    for p in model.parameters():
+        if p.requires_grad:
+            opt.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+    before = _status_mb("VmRSS")
+    start = time.perf_counter()
+    if method == "plain":
+        step_full(model, batch)
+    else:
+        step_dga(model, batch, n // SUB_BATCH)
+    opt.step()
+    seconds = time.perf_counter() - start
+    peak = _status_mb("VmHWM")
+    return {
+        "method": method,
+        "n": n,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "step_delta_mb": peak - before,
+        "seconds": seconds,
+    }
+
+
+def measure_memory(ns: list[int]) -> list[dict[str, float]]:
+    rows = []
+    for n in ns:
+        for method in ("plain", "dga"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-worker", method, str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(
+                f"memory {method:5s} N={n:4d}: peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
+                f"step +{rows[-1]['step_delta_mb']:.0f} MiB",
+                flush=True,
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ time
+def measure_time(ks: list[int], repeats: int) -> list[dict[str, float]]:
+    torch.set_num_threads(2)
+    rows = []
+    for k in ks:
+        model = build_model()
+        batch = make_batch(k * SUB_BATCH)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        oc_opt = _RecordingSGD(model.parameters(), apply=True)
+
+        def run(method: str, model=model, batch=batch, k=k, opt=opt, oc_opt=oc_opt) -> float:
+            start = time.perf_counter()
+            if method == "openclip":
+                openclip_step(model, batch, k, oc_opt)  # zero_grad + K micro-batches + step inside
+            elif method == "plain_accum":
+                opt.zero_grad(set_to_none=True)
+                step_plain_accum(model, batch, k)
+                opt.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                step_dga(model, batch, k)
+                opt.step()
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {"plain_accum": [], "dga": [], "openclip": []}
+        for method in times:  # warm-up
+            run(method)
+        for r in range(repeats):  # interleaved, rotating order: shared-CPU noise hits every method alike
+            order = list(times)[r % 3 :] + list(times)[: r % 3]
+            for method in order:
+                times[method].append(run(method))
+        med = {m: statistics.median(t) for m, t in times.items()}
+        rows.append(
+            {
+                "k": k,
+                "n": k * SUB_BATCH,
+                **{f"{m}_s": v for m, v in med.items()},
+                "dga_over_plain_accum": med["dga"] / med["plain_accum"],
+                "dga_over_openclip": med["dga"] / med["openclip"],
+            }
+        )
+        print(
+            f"time K={k}: "
+            + ", ".join(f"{m} {v:.3f}s" for m, v in med.items())
+            + f"; DGA/accum {rows[-1]['dga_over_plain_accum']:.3f}"
+            + f", DGA/OpenCLIP {rows[-1]['dga_over_openclip']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ gradient error
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    towers = [float((got[n] - g).norm() / g.norm()) for n, g in ref.items() if "logit_scale" not in n]
+    ls = [n for n in ref if "logit_scale" in n][0]
+    return {
+        "max_rel_err_params": max(towers),
+        "rel_err_logit_scale": float((got[ls] - ref[ls]).abs() / ref[ls].abs()),
+    }
+
+
+def measure_grad_error(k: int) -> list[dict[str, Any]]:
+    from zerovl_lightning.dga import split_batch
+
+    rows = []
+    for dropout in (0.0, 0.1):
+        base = build_model(dropout)
+        batch = make_batch(k * SUB_BATCH)
+        subs = split_batch(batch, SUB_BATCH)
+
+        def fresh(base=base):
+            return copy.deepcopy(base)
+
+        # reference: autograd through the K sub-batch forwards from one RNG state (= the full-batch step when
+        # the model is deterministic; with dropout, the forward DGA must reproduce)
+        ref_model = fresh()
+        torch.manual_seed(7)
+        embs = [encode(ref_model, s) for s in subs]
+        from zerovl_lightning.loss import ContrastiveLoss
+
+        u, v = torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs])
+        ContrastiveLoss()(u, v, ref_model.logit_scale.exp()).backward()
+        ref = _grads(ref_model)
+
+        m = fresh()
+        torch.manual_seed(7)
+        step_dga(m, batch, k)
+        rows.append({"method": "dga", "dropout": dropout, **_errors(_grads(m), ref)})
+
+        m = fresh()
+        torch.manual_seed(7)
+        step_plain_accum(m, batch, k)
+        rows.append({"method": "plain_accum", "dropout": dropout, **_errors(_grads(m), ref)})
+
+        m = fresh()
+        opt = _RecordingSGD(m.parameters(), apply=False)
+        torch.manual_seed(7)
+        openclip_step(m, batch, k, opt)
+        got = {n: opt.recorded[id(p)] for n, p in m.named_parameters() if id(p) in opt.recorded}
+        rows.append({"method": "openclip_accum_freq", "dropout": dropout, **_errors(got, ref)})
+        for r in rows[-3:]:
+            print(
+                f"grad error K={k} dropout={dropout}: {r['method']:20s} "
+                f"params {r['max_rel_err_params']:.2e}, "
+                f"logit_scale {r['rel_err_logit_scale']:.2e}",
+                flush=True,
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_report(res: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "dga.json").write_text(json.dumps(res, indent=2) + "\n")
+    mem = {(r["method"], r["n"]): r for r in res["memory"]}
+    ns = sorted({r["n"] for r in res["memory"]})
+    b = res["config"]["sub_batch"]
+    lines = [
+        f"Small open_clip model ({res['config']['params_m']:.1f} M params, ViT 32 px / patch 4 + text, "
+        "fp32, CPU, "
+        f"{res['config']['threads']} threads), sub-batch b = {b}, learnable τ.",
+        "",
+        "**Peak memory of one optimizer step** (fresh process each; peak RSS, and its increase over the RSS "
+        "before the step):",
+        "",
+        "| global batch N | plain peak (MiB) | DGA peak (MiB) | plain step Δ (MiB) | DGA step Δ (MiB) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in ns:
+        p, d = mem[("plain", n)], mem[("dga", n)]
+        lines.append(
+            f"| {n} ({n // b}b) | {p['peak_rss_mb']:.0f} | {d['peak_rss_mb']:.0f} | "
+            f"{p['step_delta_mb']:.0f} | {d['step_delta_mb']:.0f} |"
+        )
+    d1, d8 = mem[("dga", ns[0])], mem[("dga", ns[-1])]
+    lines += [
+        "",
+        f"DGA peak at N = {ns[-1] // b}b / at N = b: **{d8['peak_rss_mb'] / d1['peak_rss_mb']:.3f}×** "
+        "(goal ≤ 1.25); "
+        f"step increase {d8['step_delta_mb'] / max(d1['step_delta_mb'], 1e-9):.2f}×.",
+        "",
+        "**Step time** (median of interleaved repeats, AdamW step included):",
+        "",
+        "| K | N | plain accumulation (s) | DGA (s) | OpenCLIP `accum_freq=K` (s) | DGA / plain accum "
+        "| DGA / OpenCLIP |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["time"]:
+        lines.append(
+            f"| {r['k']} | {r['n']} | {r['plain_accum_s']:.3f} | {r['dga_s']:.3f} | {r['openclip_s']:.3f} | "
+            f"**{r['dga_over_plain_accum']:.3f}** | **{r['dga_over_openclip']:.3f}** |"
+        )
+    lines += [
+        "",
+        "Goals: DGA / plain accumulation ≤ 1.40 (two forwards + one backward ≈ 4/3); "
+        "DGA / OpenCLIP ≤ 1.0 at K = 8.",
+        "",
+        f"**Gradient error vs the full-batch step** (K = {res['config']['grad_k']}, relative L2 error; worst "
+        "tower parameter, and the temperature):",
+        "",
+        "| method | dropout | worst parameter | logit scale (τ) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in res["grad_error"]:
+        lines.append(
+            f"| {r['method']} | {r['dropout']} | {r['max_rel_err_params']:.2e} "
+            f"| {r['rel_err_logit_scale']:.2e} |"
+        )
+    lines += [
+        "",
+        "Plain accumulation optimises a different loss (negatives only inside each micro-batch). OpenCLIP's "
+        "`--accum-freq` gets the tower gradients right without dropout, but adds the temperature gradient "
+        "once "
+        "per micro-batch (K× too large) and does not replay dropout.",
+    ]
+    (RESULTS / "dga.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, style in (("plain", "o-"), ("dga", "s-")):
+        ax1.plot(ns, [mem[(method, n)]["peak_rss_mb"] for n in ns], style, label=f"{method} peak RSS")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("global batch N")
+    ax1.set_ylabel("MiB")
+    ax1.set_title(f"peak memory, sub-batch b = {b}")
+    ax1.legend()
+    ks = [r["k"] for r in res["time"]]
+    width = 0.27
+    for i, (key, label) in enumerate(
+        (("plain_accum_s", "plain accum"), ("dga_s", "DGA"), ("openclip_s", "OpenCLIP"))
+    ):
+        ax2.bar(
+            [j + (i - 1) * width for j in range(len(ks))], [r[key] for r in res["time"]], width, label=label
+        )
+    ax2.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
+    ax2.set_ylabel("s / optimizer step")
+    ax2.set_title("step time")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "dga.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
+    parser.add_argument("--memory-worker", nargs=2, metavar=("METHOD", "N"))
+    args = parser.parse_args()
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker[0], int(args.memory_worker[1]))))
+        return
+    torch.set_num_threads(2)
+    ns = [SUB_BATCH * m for m in ((1, 8) if args.quick else (1, 2, 4, 8))]
+    ks = [2, 8] if args.quick else [2, 4, 8]
+    res: dict[str, Any] = {
+        "config": {
+            "model_cfg": MODEL_CFG,
+            "sub_batch": SUB_BATCH,
+            "temperature": TEMPERATURE,
+            "threads": 2,
+            "params_m": sum(p.numel() for p in build_model().parameters()) / 1e6,
+            "grad_k": 8,
+            "torch": torch.__version__,
+        },
+    }
+    t0 = time.perf_counter()
+    res["grad_error"] = measure_grad_error(8)
+    res["memory"] = measure_memory(ns)
+    res["time"] = measure_time(ks, repeats=2 if args.quick else 5)
+    res["config"]["bench_seconds"] = time.perf_counter() - t0
+    write_report(res)
+    print((RESULTS / "dga.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -91,14 +91,15 @@ def worker(args: argparse.Namespace) -> None:
 
     from zerovl_lightning.eval.retrieval import summarize
 
+    method = ours_ranks if args.worker == "ours" else reference_ranks
+    kwargs = {"chunk_size": args.chunk_size} if args.worker == "ours" else {}
+    # warm-up on a small problem: pages in the library code the method uses, so it is not counted below
+    method(*make_data(64, args.captions_per_image, args.dim, args.noise, seed=1), **kwargs)
     image, text, caption_image = make_data(args.images, args.captions_per_image, args.dim, args.noise)
     baseline_kb = _status_kb("VmRSS")
     reset = _reset_peak()
     start = time.perf_counter()
-    if args.worker == "ours":
-        i2t, t2i = ours_ranks(image, text, caption_image, args.chunk_size)
-    else:
-        i2t, t2i = reference_ranks(image, text, caption_image)
+    i2t, t2i = method(image, text, caption_image, **kwargs)
     seconds = time.perf_counter() - start
     peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save({"i2t": i2t, "t2i": t2i}, args.out + ".ranks.pt")
@@ -184,8 +185,8 @@ def main() -> None:
     m = ours["metrics"]
     n_captions = args.images * args.captions_per_image
     md = [
-        f"# Retrieval benchmark: {args.images:,} images × {n_captions:,} captions, "
-        f"{args.dim}-d (CPU, {ours['threads']} threads)",
+        f"**Retrieval benchmark: {args.images:,} images × {n_captions:,} captions, "
+        f"{args.dim}-d (CPU, {ours['threads']} threads)**",
         "",
         "| method | time (s) | peak RSS | extra peak over inputs |",
         "|---|---:|---:|---:|",
@@ -198,8 +199,8 @@ def main() -> None:
         f"(i→t R@1 {100 * m['i2t_r1']:.2f}, t→i R@1 {100 * m['t2i_r1']:.2f}, RSUM {m['rsum']:.2f}).",
         f"Goal (ours < 2 GiB peak at equal results): **{'met' if summary['goal']['met'] else 'NOT met'}**.",
         "",
-        f"Peak = {ours['peak_measure']}, per method in its own subprocess; baseline RSS (interpreter, torch, "
-        f"inputs) {gib(ours['baseline_rss_bytes'])}.",
+        f"Peak = {ours['peak_measure']}, per method in its own subprocess after a warm-up run; baseline "
+        f"RSS (interpreter, torch, inputs) {gib(ours['baseline_rss_bytes'])}.",
     ]  # fmt: skip
     (out / "retrieval.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -1,7 +1,8 @@
 """Every config group option and every experiment composes (and, where it can on a CPU, instantiates).
 
-Also home of :func:`write_smoke_data`, tiny webdataset shards in the demo layout (``<cache>/demo/<source>/
-{train,heldout}``) that the run tests (multirun, wandb, packaging, notebooks, ddp_sim) point ``ZEROVL_CACHE`` at.
+Also home of :func:`write_smoke_data` — tiny webdataset shards in the demo layout
+(``<cache>/demo/<source>/{train,heldout}``) that the run tests read via ``ZEROVL_CACHE`` — and of
+:func:`zerovl_train`, which runs the console script.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _pairs(source_index: int, split: str, n: int) -> Iterator[tuple[int, str, by
 
 
 def write_split(out: Path, source: str, source_index: int, split: str, n: int, per_shard: int) -> None:
-    """``shard-%06d.tar`` files (``KEY.png``, ``KEY.txt``, ``KEY.json``) and ``stats.json``, as the writers do."""
+    """``shard-%06d.tar`` files (``KEY.png|txt|json``) and ``stats.json``, laid out as the writers do."""
     import webdataset as wds
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def write_split(out: Path, source: str, source_index: int, split: str, n: int, p
 
 
 def write_smoke_data(cache: Path, n_train: int = 64, n_heldout: int = 16, per_shard: int = 32) -> Path:
-    """Tiny stand-in for the demo shards under ``<cache>/demo`` (set ``ZEROVL_CACHE=<cache>``); returns ``cache``."""
+    """Tiny stand-in for the demo shards under ``<cache>/demo`` (run with ``ZEROVL_CACHE=<cache>``)."""
     for k, source in enumerate(SMOKE_SOURCES):
         for split, n in (("train", n_train), ("heldout", n_heldout)):
             write_split(cache / "demo" / source / split, source, k, split, n, per_shard)
@@ -124,6 +125,9 @@ def zerovl_train(
         "WANDB_MODE": "offline",
         "HYDRA_FULL_ERROR": "1",
         "PYTHONWARNINGS": "ignore",
+        # one intra-op thread per process: test workers already share the cores, and oversubscribed OpenMP
+        # threads make the tiny model ~10x slower
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
     env.pop("PROJECT_ROOT", None)
     exe = exe or Path(sys.executable).parent / "zerovl-train"
@@ -146,6 +150,7 @@ def options(group: str) -> list[str]:
 GROUPS = (
     "model",
     "module",
+    "method",
     "data",
     "trainer",
     "callbacks",
@@ -170,9 +175,13 @@ def compose_train(overrides: list[str], tmp_path: Path | None = None, hydra: boo
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
+    if option.endswith("_optuna"):
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install hydra-optuna-sweeper")
     cfg = compose_train([f"{group}={option}"], tmp_path)
     assert cfg.hydra.runtime.choices[group] == option
-    if group not in ("experiment", "hparams_search", "paths", "callbacks", "logger"):
+    if group == "method":  # `# @package module`: options of the training step, merged into the module
+        assert "_target_" in cfg.module
+    elif group not in ("experiment", "hparams_search", "paths", "callbacks", "logger"):
         node = cfg[group]
         assert "_target_" in node, f"conf/{group}/{option}.yaml has no _target_"
     if group in ("callbacks", "logger"):
@@ -187,7 +196,7 @@ def test_wheel_ships_every_config() -> None:
         assert options(group), group
 
 
-# --------------------------------------------------------------------------------------------- paper experiments
+# ----------------------------------------------------------------------------------------- paper experiments
 def test_zerovl_14m_is_the_paper_config(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=zerovl_14m"], tmp_path)
     assert cfg.model.model_cfg.vision_cfg.timm_model_name.startswith("vit_base_patch16_224")
@@ -201,8 +210,9 @@ def test_zerovl_14m_is_the_paper_config(tmp_path: Path) -> None:
     assert cfg.trainer.max_epochs == 20 and cfg.trainer.precision == "16-mixed" and cfg.trainer.devices == 8
     assert cfg.data.batch_size * cfg.trainer.devices == 1024  # global batch without DGA
     assert cfg.module.get("sub_batch_size") is None
-    assert cfg.data.sampling == "debias"
-    assert cfg.module.mixup.enabled and cfg.module.mixup.beta == 0.1
+    assert cfg.data.sampling == "debias" and cfg.data.text_augment and cfg.data.auto_augment
+    assert cfg.hydra.runtime.choices.method == "mixup"
+    assert cfg.module.mixup.enabled and cfg.module.mixup.beta == 0.1 and cfg.module.mixup.prob_image == 0.5
 
 
 def test_zerovl_dga_16k_is_the_paper_config(tmp_path: Path) -> None:
@@ -212,12 +222,15 @@ def test_zerovl_dga_16k_is_the_paper_config(tmp_path: Path) -> None:
     assert cfg.data.batch_size % cfg.module.sub_batch_size == 0
     assert cfg.trainer.precision == "16-mixed" and cfg.trainer.max_epochs == 20
     assert cfg.data.sampling == "debias" and cfg.module.mixup.enabled and cfg.module.mixup.beta == 0.1
+    assert cfg.hydra.runtime.choices.method == "zerovl"  # mixup + DGA
+    assert cfg.model.model_name == "zerovl-vit-b16-bert" and cfg.model.temperature == 0.02
 
 
 def test_baseline_switches_zerovl_off(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=baseline"], tmp_path)
-    assert not cfg.module.mixup.enabled
+    assert not cfg.module.mixup.enabled and cfg.hydra.runtime.choices.method == "plain"
     assert cfg.data.sampling == "shuffle"
+    assert cfg.model.model_name == "zerovl-vit-b16-bert" and cfg.trainer.max_epochs == 20
     assert cfg.module.get("sub_batch_size") is None
     assert cfg.data.batch_size * cfg.trainer.devices == 1024
 
@@ -245,7 +258,7 @@ def test_every_experiment_instantiates(
 
 
 def test_cpu_instantiable_options(smoke_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loggers, trainers and callbacks build on a CPU (GPU trainers with their accelerator switched to CPU)."""
+    """Loggers, trainers and callbacks build on a CPU (GPU trainers with the accelerator switched to CPU)."""
     monkeypatch.setenv("ZEROVL_CACHE", str(smoke_cache))
     monkeypatch.setenv("WANDB_MODE", "offline")
     for option in options("logger"):
@@ -292,10 +305,12 @@ def test_multinode_trainer_reads_the_launcher_environment(
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (4, 8)
     monkeypatch.delenv("SLURM_NNODES")
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
-    monkeypatch.setenv("NNODES", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nnodes 2 --nproc-per-node 4
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # torchrun --nnodes 2 --nproc-per-node 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     cfg = compose_train(["trainer=ddp_multinode"], tmp_path)
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 4)
+    monkeypatch.setenv("NNODES", "3")
+    assert compose_train(["trainer=ddp_multinode"], tmp_path).trainer.num_nodes == 3
 
 
 def test_wandb_logger_is_offline_without_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,7 +331,8 @@ def test_optional_local_config_is_picked_up(tmp_path: Path) -> None:
     (user / "local" / "default.yaml").write_text("# @package _global_\nseed: 1234\ntags: [mine]\n")
     (user / "experiment").mkdir()
     (user / "experiment" / "my_exp.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /model: tiny\ntask_name: mine\ntrainer:\n  max_steps: 3\n"
+        "# @package _global_\ndefaults:\n  - override /model: tiny\n"
+        "task_name: mine\ntrainer:\n  max_steps: 3\n"
     )
     cfg = compose_train([f"hydra.searchpath=[file://{user}]", "experiment=my_exp"], tmp_path)
     assert (cfg.seed, list(cfg.tags), cfg.task_name) == (1234, ["mine"], "mine")
@@ -339,15 +355,15 @@ def test_unknown_key_says_how_to_add_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("experiment", ["zerovl_14m", "zerovl_dga_16k", "baseline"])
-def test_paper_experiments_take_your_sources(experiment: str, smoke_cache: Path, tmp_path: Path) -> None:
-    """The paper experiments read your shards; without sources the error says what to set."""
-    from zerovl_lightning.train import build
+def test_paper_experiments_take_your_sources(experiment: str, tmp_path: Path) -> None:
+    """The paper experiments read your shards: without sources, the check before any work says what to set."""
+    from zerovl_lightning.config_checks import ConfigError, validate_config
 
     cfg = compose_train([f"experiment={experiment}", "model=tiny", "trainer=cpu", "logger=csv"], tmp_path)
     assert cfg.data.sources == {}
-    with pytest.raises(Exception, match=r"sources=\{name: \{path"):
-        build(cfg)
-    path = f"{smoke_cache}/demo/tuxpaint/train"
+    with pytest.raises(ConfigError, match="data.sources"):
+        validate_config(cfg)
+    path = "/data/cc3m/"
     for how in ([f"+data.sources.cc3m.path={path}"], [f"++data.sources={{cc3m: {path}}}"]):
         cfg = compose_train([f"experiment={experiment}", *how], tmp_path)
         assert OmegaConf.to_container(cfg.data.sources) in ({"cc3m": {"path": path}}, {"cc3m": path}), how

@@ -5,6 +5,7 @@ config errors, transforms."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -194,11 +195,12 @@ class _Recorder:
             def __init__(self) -> None:
                 super().__init__()
                 self.w = torch.nn.Parameter(torch.zeros(1))
-                self.seen: list[tuple[str, list[str]]] = []
+                self.seen: list[tuple[str, list[str], float, int]] = []
 
             def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
                 assert "_stream" not in batch
-                self.seen.append((batch["source"][0], list(batch["key"])))
+                pixels = float(batch["image"].double().sum())  # augmentation replayed exactly, too
+                self.seen.append((batch["source"][0], list(batch["key"]), pixels, int(batch["text"].sum())))
                 return (self.w * batch["image"].mean()).sum() ** 2
 
             def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -222,7 +224,6 @@ def _trainer(tmp: Path, **kw: Any) -> Any:
     )
 
 
-@pytest.mark.slow
 def test_lightning_checkpoint_resume_continues_the_same_stream(
     data_root: Path, tiny: Any, tmp_path: Path
 ) -> None:
@@ -235,22 +236,26 @@ def test_lightning_checkpoint_resume_continues_the_same_stream(
         full, datamodule=make_dm(data_root, tiny)
     )
     assert len(full.seen) == 88  # 2 epochs × 176 samples / B=4
+    assert full.seen[:44] != full.seen[44:]  # Lightning's set_epoch reaches the stream: epochs differ
+    assert {k for _, ks, _, _ in full.seen[:44] for k in ks} == all_keys()
 
-    k = 7
-    ckpt_dir = tmp_path / "ckpt"
-    part = _Recorder.make()
-    cb = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=k, save_top_k=-1)
-    _trainer(tmp_path / "part", max_steps=k, callbacks=[cb]).fit(part, datamodule=make_dm(data_root, tiny))
-    assert part.seen == full.seen[:k]
-    (ckpt,) = ckpt_dir.glob("*.ckpt")
-    saved = torch.load(ckpt, weights_only=False)["ZeroVLDataModule"]
-    assert (saved["epoch"], saved["step"]) == (0, k)
+    for k in (7, 51):  # mid-epoch 0 (odd: the worker lanes rotate), and mid-epoch 1
+        ckpt_dir = tmp_path / f"ckpt{k}"
+        part = _Recorder.make()
+        cb = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=k, save_top_k=-1)
+        _trainer(tmp_path / f"part{k}", max_steps=k, callbacks=[cb]).fit(
+            part, datamodule=make_dm(data_root, tiny)
+        )
+        assert part.seen == full.seen[:k]
+        (ckpt,) = ckpt_dir.glob("*.ckpt")
+        saved = torch.load(ckpt, weights_only=False)["ZeroVLDataModule"]
+        assert (saved["epoch"], saved["step"]) == divmod(k, 44)
 
-    resumed = _Recorder.make()
-    _trainer(tmp_path / "resumed", max_epochs=2, enable_checkpointing=False).fit(
-        resumed, datamodule=make_dm(data_root, tiny), ckpt_path=str(ckpt)
-    )
-    assert resumed.seen == full.seen[k:]
+        resumed = _Recorder.make()
+        _trainer(tmp_path / f"resumed{k}", max_epochs=2, enable_checkpointing=False).fit(
+            resumed, datamodule=make_dm(data_root, tiny), ckpt_path=str(ckpt)
+        )
+        assert resumed.seen == full.seen[k:]
 
 
 def test_missing_shard_path_is_a_clear_error_at_construction(
@@ -373,3 +378,20 @@ def test_datamodule_composes_from_the_hydra_config(
     monkeypatch.setenv("ZEROVL_CACHE", str(data_root))
     resolved = OmegaConf.to_container(demo, resolve=True)
     assert resolved["sources"]["flags"]["path"] == str(data_root / "demo" / "flags" / "train")
+
+
+def test_jpeg_draft_decodes_big_images_at_a_scale_that_still_covers_the_crop() -> None:
+    import io
+
+    from PIL import Image
+
+    from zerovl_lightning.data.shards import BadSampleCounter, decode_sample
+    from zerovl_lightning.data.transforms import min_crop_fraction
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (10, 200, 30)).save(buf, format="JPEG")
+    draft = math.ceil(224 / min_crop_fraction((0.6, 1.0)))  # 334: the smallest 0.6-area crop keeps 224 px
+    out = decode_sample({"jpg": buf.getvalue(), "txt": b"green"}, BadSampleCounter(), draft_size=draft)
+    assert out is not None and out[0].size == (800, 600)  # libjpeg 1/2 scale (1/4 would be < 334 px)
+    full = decode_sample({"jpg": buf.getvalue(), "txt": b"green"}, BadSampleCounter())
+    assert full is not None and full[0].size == (1600, 1200)

@@ -1,5 +1,5 @@
-"""``trainer=ddp_sim``: two CPU processes (gloo) train the smoke experiment — debiased sampling, mixup and DGA under
-DDP — through the ``zerovl-train`` console script, as on a multi-GPU node."""
+"""``trainer=ddp_sim``: two CPU processes (gloo) train the smoke experiment — debiased sampling, mixup and DGA
+under DDP — through the ``zerovl-train`` console script, as on a multi-GPU node."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from test_configs import write_smoke_data, zerovl_train
 
 
@@ -15,8 +14,11 @@ from test_configs import write_smoke_data, zerovl_train
 def test_ddp_sim_trains_a_few_steps_with_two_processes(tmp_path: Path) -> None:
     cache = write_smoke_data(tmp_path / "cache")
     run = tmp_path / "run"
-    proc = zerovl_train(["experiment=smoke", "trainer=ddp_sim", "trainer.max_steps=3", f"hydra.run.dir={run}"],
-                        cwd=tmp_path, cache=cache)
+    proc = zerovl_train(
+        ["experiment=smoke", "trainer=ddp_sim", "trainer.max_steps=3", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        cache=cache,
+    )
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     train = [r for r in rows if r.get("train/loss")]
     assert [int(r["step"]) for r in train] == [0, 1, 2]

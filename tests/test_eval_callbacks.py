@@ -269,7 +269,8 @@ def test_zerovl_eval_run_in_process(shards, tmp_path):
     overrides = [
         f"export_dir={tmp_path / 'export'}", "tasks=[retrieval,linear_probe]",
         f"retrieval.sets={root / '*' / 'heldout'}", "linear_probe.sets=[digits]",
-        "linear_probe.train_limit=50", "linear_probe.test_limit=20", "progress=false", f"output={out}",
+        "linear_probe.train_limit=50", "linear_probe.test_limit=20", "linear_probe.weight_decays=[0.1,1.0]",
+        "progress=false", f"output={out}",
     ]  # fmt: skip
     with initialize_config_module("zerovl_lightning.conf", version_base="1.3"):
         cfg = compose("eval", overrides=overrides)

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
+from zerovl_lightning.checkpointing import RNGStateCheckpoint
 from zerovl_lightning.guards import NonFiniteError, NonFiniteGuard
 
 NAN_STEP = 3
@@ -165,12 +166,15 @@ class DumpGuard(L.Callback):
         params = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         out = f"{self.out}/rank{trainer.global_rank}.pt"
         torch.save({"skipped": guard.skipped_steps, "params": params}, out)
+        torch.manual_seed(100 + trainer.global_rank)  # distinct RNG states per rank ...
+        trainer.save_checkpoint(f"{self.out}/ddp.ckpt")  # ... gathered into one checkpoint (on every rank)
 
 
 @pytest.mark.ddp
 @pytest.mark.slow  # ~40 s: two spawned Lightning processes on shared CPUs
 def test_ddp_ranks_skip_the_same_step(tmp_path):
-    """check_grads=False isolates the all-reduced decision: only rank 1 sees a non-finite loss."""
+    """check_grads=False isolates the all-reduced decision: only rank 1 sees a non-finite loss. Also: the
+    RNG states of both ranks go into one checkpoint."""
     from lightning.pytorch.strategies import DDPStrategy
 
     x = torch.randn(48, 4, generator=torch.Generator().manual_seed(1))
@@ -184,10 +188,101 @@ def test_ddp_ranks_skip_the_same_step(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
-        callbacks=[NonFiniteGuard(action="skip", check_grads=False), DumpGuard(str(tmp_path))],
+        callbacks=[
+            NonFiniteGuard(action="skip", check_grads=False),
+            RNGStateCheckpoint(),
+            DumpGuard(str(tmp_path)),
+        ],
     )
     trainer.fit(RankLoss(bad_step=None), data)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["skipped"] == r1["skipped"] == 1
     assert torch.isfinite(r0["params"]).all()
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    # RNGStateCheckpoint gathered both ranks' states; a resumed rank 1 gets rank 1's
+    states = torch.load(tmp_path / "ddp.ckpt", weights_only=True)["callbacks"]["RNGStateCheckpoint"][
+        "per_rank"
+    ]
+    assert len(states) == 2
+    assert torch.equal(states[0]["torch"], torch.manual_seed(100).get_state())
+    assert torch.equal(states[1]["torch"], torch.manual_seed(101).get_state())
+    rank1 = RNGStateCheckpoint()
+    rank1._rank, rank1._world = 1, 2
+    rank1.load_state_dict({"per_rank": states})
+    assert rank1._pending is states[1]
+
+
+# ------------------------------------------------------------------------------------------ the real module
+class NaNBatches(torch.utils.data.Dataset):
+    """8 image-text pairs per step; the images of step ``bad_step`` are NaN (a corrupt decode, say)."""
+
+    def __init__(self, steps: int, tokenizer, bad_step: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(8, 3, 32, 32, generator=g)
+        self.text = tokenizer([f"caption number {i}" for i in range(8)])
+        self.steps, self.bad_step = steps, bad_step
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int):
+        images = self.images * math.nan if i == self.bad_step else self.images
+        return {"image": images, "text": self.text, "key": [str(k) for k in range(8)], "source": ["s"] * 8}
+
+
+def _configured_guard(action: str) -> NonFiniteGuard:
+    """The guard exactly as conf/callbacks/fault_tolerance.yaml builds it, with ``action`` overridden."""
+    import os
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from zerovl_lightning.conf import __path__ as conf_path
+
+    cfg = OmegaConf.load(os.path.join(conf_path[0], "callbacks", "fault_tolerance.yaml"))
+    cfg.non_finite_guard.action = action
+    return instantiate(cfg.non_finite_guard)
+
+
+@pytest.mark.parametrize(
+    ("action", "sub_batch_size"),
+    [("skip", 4), ("stop", 4)],  # the plain (automatic) step is covered by the Tiny tests above
+    ids=["skip-dga", "stop-dga"],
+)
+def test_zerovl_module_nan_step(action, sub_batch_size):
+    """ZeroVLModule's plain step and its DGA step (manual optimization, opt.step inside) both go through the
+    guard: the NaN step's update is dropped (weights and AdamW state untouched) or the run stops."""
+    from zerovl_lightning.model import TINY_MODEL_CFG
+    from zerovl_lightning.module import ZeroVLModule
+
+    model = {
+        "_target_": "zerovl_lightning.model.build_dual_encoder",
+        "model_name": "zerovl-tiny",
+        "model_cfg": TINY_MODEL_CFG,
+        "temperature": 0.07,
+        "learn_temperature": True,
+    }
+    torch.manual_seed(0)
+    module = ZeroVLModule(model=model, sub_batch_size=sub_batch_size)
+    data = DataLoader(NaNBatches(5, module.model.tokenizer, bad_step=NAN_STEP), batch_size=None)
+    guard, rec = _configured_guard(action), Record()
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard, rec],
+    )
+    if action == "stop":
+        with pytest.raises(NonFiniteError, match=rf"Non-finite loss \(value nan\) at global step {NAN_STEP}"):
+            trainer.fit(module, data)
+        return
+    with pytest.warns(
+        UserWarning, match=rf"Non-finite loss \(value nan\) at global step {NAN_STEP}: skipped"
+    ):
+        trainer.fit(module, data)
+    assert guard.skipped_steps == 1 and rec.logged[-1] == 1.0
+    assert torch.equal(rec.params[NAN_STEP], rec.params[NAN_STEP - 1])
+    assert all(torch.isfinite(p).all() for p in rec.params)
+    assert not torch.equal(rec.params[-1], rec.params[NAN_STEP])

@@ -1,5 +1,5 @@
-"""Hydra multirun on a CPU: jobs run one after another, each in its own folder with its own logger run, and every
-job returns the experiment's optimized metric to the sweeper."""
+"""Hydra multirun on a CPU: jobs run one after another, each in its own folder with its own logger run, and
+every job returns the experiment's optimized metric to the sweeper."""
 
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""The notebooks in notebooks/ execute top to bottom (nbclient, the project's kernel) and are committed without
-outputs."""
+"""The notebooks in notebooks/ execute top to bottom (nbclient, the project's kernel) and are committed
+without outputs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
 from test_configs import write_smoke_data, zerovl_train
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -16,10 +16,16 @@ NAMES = ("quickstart", "dga_explained", "results")
 
 
 def execute(name: str, timeout: int = 900) -> nbformat.NotebookNode:
-    """Run a notebook in a fresh kernel with notebooks/ as working directory; raises on the first failing cell."""
+    """Run a notebook in a fresh kernel (cwd notebooks/); raises on the first failing cell.
+
+    One intra-op thread per kernel: test workers already share the cores, and oversubscribed OpenMP threads
+    make small models ~10x slower.
+    """
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute(env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     return nb
 
 
@@ -35,7 +41,9 @@ def test_notebooks_are_committed_without_outputs() -> None:
         nbformat.validate(nb)
         for i, cell in enumerate(nb.cells):
             if cell.cell_type == "code":
-                assert cell.outputs == [] and cell.execution_count is None, f"{name}.ipynb cell {i} has outputs"
+                assert cell.outputs == [] and cell.execution_count is None, (
+                    f"{name}.ipynb cell {i} has outputs"
+                )
 
 
 def test_quickstart() -> None:
@@ -62,3 +70,26 @@ def test_results(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = stdout(execute("results"))
     assert f"{run_dir}: 1 run(s)" in out
     assert "zeroshot_retrieval" in out and "tuxpaint" in out
+
+
+def strip(path: Path) -> bool:
+    """Remove outputs, execution counts and run metadata in place; True if the file changed."""
+    nb = nbformat.read(path, as_version=4)
+    before = nbformat.writes(nb)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    after = nbformat.writes(nb)
+    if after != before:
+        path.write_text(after)
+    return after != before
+
+
+if __name__ == "__main__":  # `make strip-notebooks`: python tests/test_notebooks.py --strip
+    import sys
+
+    if sys.argv[1:] != ["--strip"]:
+        sys.exit("usage: python tests/test_notebooks.py --strip")
+    for p in sorted(NOTEBOOKS.glob("*.ipynb")):
+        print(f"{'stripped' if strip(p) else 'clean   '} {p.relative_to(NOTEBOOKS.parent)}")

@@ -92,12 +92,16 @@ def test_one_pass_debias_uses_exact_size_quotas() -> None:
             assert np.bincount(src[lane::2], minlength=3).tolist() == [10, 6, 4]
 
 
-def test_one_pass_uneven_slots_use_the_smallest_rank() -> None:
-    caps = np.array([[[13, 9]], [[8, 8]]]).reshape(2, 2, 1)  # source a: rank0 13, rank1 9; b: 8, 8
+def test_one_pass_uneven_slots_use_the_smallest_slot_in_every_lane() -> None:
+    """Every lane gets the quota of the smallest slot, so lanes stay equally long and equally mixed."""
+    caps = np.array([[[13, 9], [10, 12]], [[8, 8], [8, 8]]])  # [K=2, R=2, W=2]
     s = SourceSampler(
-        ["a", "b"], [0.5, 0.5], sizes=[22, 16], capacities=caps, batch_size=4, world_size=2, lanes=1
+        ["a", "b"], [0.5, 0.5], sizes=[44, 32], capacities=caps, batch_size=4, world_size=2, lanes=2
     )
-    assert np.bincount(s.step_sources(0)).tolist() == [2, 2]
+    assert s.steps_per_epoch == 2 * (2 + 2)
+    src = s.step_sources(0)
+    for lane in range(2):
+        assert np.bincount(src[lane::2]).tolist() == [2, 2]
 
 
 def test_explicit_and_uniform_weights_fit_the_smallest_source() -> None:

@@ -15,7 +15,7 @@ _BLOCK, _HEADER = 32768, 7  # wandb's transaction log uses LevelDB's log format:
 
 
 def _chunks(data: bytes) -> list[bytes]:
-    """The records of a ``run-<id>.wandb`` file (file header ``:W&B`` + magic + version, then LevelDB records)."""
+    """The records of a ``run-<id>.wandb`` file (header ``:W&B`` + magic + version, then LevelDB records)."""
     assert data[:4] == b":W&B", "not a wandb transaction log"
     out, pos, pending = [], _HEADER, b""
     while pos + _HEADER <= len(data):

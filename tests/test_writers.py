@@ -187,13 +187,14 @@ def test_killed_writer_resumes_and_ignores_stale_temp_files(tmp_path: Path) -> N
         write_shards(tasks, out, dying_load, source="s", samples_per_shard=4, progress=False)
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar"]  # only the finished one
     assert not (out / "stats.json").exists()
-    (out / "shard-000001.tar.tmp").write_bytes(b"half a shard from the killed run")
+    (out / "shard-000001.tar.tmp999999999").write_bytes(b"half a shard from a killed run (pid gone)")
+    (out / "shard-000002.tar.tmp").write_bytes(b"a temp file of an older writer")
 
     calls.clear()
     report = write_shards(tasks, out, load, source="s", samples_per_shard=4, progress=False)
     assert report.status == "resumed" and report.shards_written == 2
     assert sorted(calls) == list(range(4, 10))  # shard 0 was not redone
-    assert not list(out.glob("*.tmp")) and not (out / ".progress").exists()
+    assert not list(out.glob("*.tmp*")) and not (out / ".progress").exists()
     assert report.stats["num_samples"] == 10
 
     fresh = write_shards(tasks, tmp_path / "fresh", load, source="s", samples_per_shard=4, progress=False)

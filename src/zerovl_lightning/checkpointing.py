@@ -99,9 +99,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None or not _is_local(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
-        return None
+            super().save_checkpoint(checkpoint, path, storage_options)
+        else:
+            atomic_torch_save(checkpoint, path)
 
 
 # ------------------------------------------------------------------------------------------- integrity
@@ -109,8 +109,9 @@ def check_checkpoint(path: _PATH) -> dict[str, Any]:
     """Load ``path`` the way a resume will, cheaply; raise :class:`CheckpointError` saying why it is unusable.
 
     Checks: non-empty; a complete zip (a truncated ``torch.save`` file loses its central directory); every
-    member's CRC-32 (bit rot, torn writes); unpickles with ``weights_only=True`` (what ``Trainer.fit`` does by
-    default) memory-mapped, so tensors are not read; has the keys a resume needs. Returns the loaded dict
+    member's CRC-32 (bit rot, torn writes; one sequential read of the file); unpickles with
+    ``weights_only=True`` (what ``Trainer.fit`` does by default), memory-mapped so tensors are not copied;
+    has the keys a resume needs. Returns the loaded dict
     (tensors memory-mapped; drop it when done).
     """
     p = Path(path)

@@ -1,9 +1,9 @@
-"""``zerovl-eval``: evaluate a trained model (Lightning checkpoint, export folder, or open_clip weights) on
-retrieval, zero-shot classification and linear-probe sets; print a table and write a results JSON
-(conf/eval.yaml).
+"""``zerovl-eval``: a model (Lightning checkpoint, export folder, open_clip weights or a conf/model config)
+on retrieval, zero-shot classification and linear-probe sets; prints a table, writes a results JSON.
 
     zerovl-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
     zerovl-eval export_dir=exports/demo tasks=[retrieval] retrieval.sets='{tuxpaint: /data/tux/heldout}'
+    zerovl-eval model=effl0_minilm          # the untrained baseline
 """
 
 from __future__ import annotations

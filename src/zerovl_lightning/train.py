@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...} resolvers)
+from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,13 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 def run(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit; return the final logged metrics (floats)."""
     validate_config(cfg)
+    ckpt_path = prepare_resume(cfg)  # newest loadable checkpoint; may set the wandb run id to resume
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config, once
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
         print_report(trainer)

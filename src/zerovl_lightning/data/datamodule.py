@@ -35,6 +35,7 @@ prefetched. Without a Trainer, the loader records each batch as it yields it. Do
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from .sampling import SourceSampler, source_probabilities
 from .shards import (
@@ -124,7 +125,7 @@ class ZeroVLStream(IterableDataset):
         self.start_positions: dict[int, dict[str, int]] = {}  # lane -> source -> raw position at start_step
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at every epoch start (through the loader's ``dataset``)."""
+        """Called by Lightning at every epoch start (through the loader's ``sampler``)."""
         self.epoch = int(epoch)
 
     def _worker(self) -> tuple[int, int]:
@@ -183,7 +184,10 @@ class ZeroVLStream(IterableDataset):
             srcs = np.full(B, row) if np.ndim(row) == 0 else row
             images, captions, keys, labels = [], [], [], []
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(sampler.seed, epoch, s_idx, self.rank, "image"))
+                # CPU generator only: torch.manual_seed would also reseed CUDA, outside fork_rng(devices=[])
+                torch.random.default_generator.manual_seed(
+                    derive_seed(sampler.seed, epoch, s_idx, self.rank, "image")
+                )
                 for k in srcs:
                     img, caption, key = good(int(k))
                     images.append(self.transform(img))
@@ -266,12 +270,29 @@ class _Tracker:
         }
 
 
+class _EpochSampler(Sampler[None]):
+    """The index sampler of an iterable-style loader (endless ``None``, like torch's own) plus ``set_epoch``.
+
+    Lightning calls ``loader.sampler.set_epoch(epoch)`` at every epoch start; that is how the stream learns
+    the epoch, since Lightning ends an epoch after ``len(loader)`` batches without exhausting the iterator.
+    """
+
+    def __init__(self, stream: ZeroVLStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[None]:
+        return itertools.repeat(None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+
 class ZeroVLLoader(DataLoader):
-    """DataLoader over :class:`ZeroVLStream` with ``len() == steps_per_epoch`` and resume/epoch
-    bookkeeping."""
+    """DataLoader over :class:`ZeroVLStream`: ``len() == steps_per_epoch``, epoch and resume bookkeeping."""
 
     def __init__(self, datamodule: ZeroVLDataModule, stream: ZeroVLStream, **kwargs: Any) -> None:
         super().__init__(stream, batch_size=None, persistent_workers=False, **kwargs)
+        object.__setattr__(self, "sampler", _EpochSampler(stream))  # DataLoader freezes `sampler` after init
         self._dm = datamodule
 
     def __len__(self) -> int:
@@ -318,11 +339,11 @@ class ZeroVLDataModule(LightningDataModule):
         text_augment: ZeroVL's word-piece masking/replacement/deletion on the token ids.
         shuffle_buffer: samples in each stream's seeded shuffle buffer.
         split: ``shard`` | ``sample`` | ``auto`` — how a source is divided among rank × worker slots
-        (``auto``:
-            by shard when that loses < 2% of an epoch, else by sample).
+            (``auto``: by shard when that loses < 2% of an epoch, else by sample).
         order: source order for ``sequential`` (default: as given).
         max_image_pixels: decompression-bomb guard (width × height).
-        jpeg_draft: let libjpeg decode big JPEGs at a reduced scale that still covers 1.5 × image_size.
+        jpeg_draft: let libjpeg decode big JPEGs at 1/2, 1/4 or 1/8 scale when the smallest random crop
+            still gets ≥ image_size pixels (no quality loss, much less decoding for large images).
         tokenizer / preprocess_cfg: from the model (``train.py`` passes ``model.tokenizer``,
             ``model.preprocess_cfg``).
         world_size / rank: override the distributed setup (tests; normally from the Trainer or
@@ -479,11 +500,10 @@ class ZeroVLDataModule(LightningDataModule):
             return self.split
         if len(info.urls) < slots:
             return "sample"
-        B, R, W = self.batch_size, self.world_size, self.lanes
 
+        # every slot serves as many batches as the smallest one (sampling.SourceSampler._lane_quotas)
         def usable(split: str) -> int:
-            caps = slot_capacities(info.shard_sizes or [], slots, split).reshape(R, W)
-            return int((caps.min(axis=0) // B).sum())
+            return int(slot_capacities(info.shard_sizes or [], slots, split).min()) // self.batch_size
 
         return "shard" if usable("shard") >= 0.98 * usable("sample") else "sample"
 

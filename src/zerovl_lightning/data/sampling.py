@@ -1,5 +1,4 @@
-"""Combining sources: which source(s) every optimizer step draws from — ZeroVL's debiased sampling and
-friends.
+"""Combining sources: which source(s) each optimizer step draws from — ZeroVL's debiased sampling & co.
 
 Modes (``zerovl-method.md`` §1):
 
@@ -20,12 +19,15 @@ this module which source(s) step ``s`` uses, then takes the next ``B`` good samp
 own* slot stream. All ranks and workers compute the same plan from ``(seed, epoch)`` alone — no communication
 — so the R local batches of a step always come from the same source, and no sample is read by two slots.
 
-*Non-resampled epochs (exact).* Per-slot capacities (raw samples per slot, from per-shard counts) give each
-lane a quota of steps per source: ``q[k, w] = min_r cap[k, r, w] // B`` (size weights), or the largest
-multiple of the weights that fits (uniform/explicit). Each lane's steps are a seeded permutation of its quota
-multiset (sampling sources *without* replacement: frequencies equal the weights up to rounding, and an epoch
-reads every sample of a balanced layout exactly once); lanes are cut to a common length L, so
-``steps_per_epoch = W·L``.
+*Non-resampled epochs (exact).* Per-slot capacities (raw samples per slot, from per-shard counts) give every
+lane the same quota of steps per source: ``q[k] = min_{r,w} cap[k, r, w] // B`` (size weights), or the
+largest multiple of the weights that fits (uniform/explicit). Each lane's steps are a seeded permutation of
+its quota multiset (sampling sources *without* replacement: frequencies equal the weights up to rounding, and
+an epoch reads every sample of a balanced layout exactly once), so ``steps_per_epoch = W·Σ_k q[k]``.
+
+*Shuffle / sequential.* ``shuffle`` gives every sample position of a step its own source: a seeded permutation
+of the slot's own samples (one pass, size weights) or i.i.d. draws (otherwise). ``sequential`` lays each
+lane's quotas out in the configured order.
 
 *Resampled (large corpora).* Slot streams draw shards with replacement and never end; the source of step ``s``
 is the ``s``-th draw of one RNG seeded from ``(seed, epoch)`` with probabilities p_k (i.i.d., the paper's
@@ -148,23 +150,26 @@ class SourceSampler:
     # --------------------------------------------------------------------------------- epoch length
 
     def _lane_quotas(self) -> np.ndarray:
-        """[K, W] steps of source k in lane w (non-resampled debias/sequential)."""
+        """[K] steps of source k in every lane (non-resampled debias/sequential).
+
+        The same quota in every lane and rank (what the smallest slot can serve) keeps the lanes equally
+        long and each lane's mix of sources equal to the weights; the surplus of larger slots stays unread.
+        """
         assert self.capacities is not None
-        fit = self.capacities.min(axis=1) // self.batch_size  # [K, W] steps every rank can serve
+        fit = (self.capacities // self.batch_size).min(axis=(1, 2))  # [K]
         if self.size_weighted:
             return fit
         quota = np.zeros_like(fit)
-        active = self.probs > 0
-        for w in range(self.lanes):
-            total = min(fit[k, w] / self.probs[k] for k in np.flatnonzero(active))
-            quota[active, w] = np.floor(self.probs[active] * total + 1e-9).astype(np.int64)
+        active = np.flatnonzero(self.probs > 0)
+        total = min(fit[k] / self.probs[k] for k in active)
+        quota[active] = np.floor(self.probs[active] * total + 1e-9).astype(np.int64)
         return quota
 
     def _natural_steps(self) -> int:
         if self.resampled:
             return max(1, int(self.sizes.sum()) // (self.batch_size * self.world_size))
         if self._quota is not None:
-            return int(self.lanes * self._quota.sum(axis=0).min())
+            return int(self.lanes * self._quota.sum())
         assert self.capacities is not None  # shuffle: each slot fills floor(total / B) batches
         per_slot = self.capacities.sum(axis=0) // self.batch_size  # [R, W]
         return int(self.lanes * per_slot.min())
@@ -217,7 +222,7 @@ class SourceSampler:
             block = np.searchsorted(bounds, steps, side="right").clip(max=len(self.order) - 1)
             return np.asarray(self.order)[block]
         assert self._quota is not None
-        quota = self._quota[:, lane]
+        quota = self._quota
         if self.mode == "sequential":
             seq = np.concatenate([np.full(quota[k], k, dtype=np.int64) for k in self.order])
         else:

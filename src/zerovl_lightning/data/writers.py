@@ -6,7 +6,7 @@ Every writer produces the layout of ``docs/CONTRACTS.md``: one sample per captio
 
 Why the machinery around ``wds.TarWriter``:
 
-* **Resumable.** Inputs are cut into fixed chunks, one chunk per shard. A shard is written to ``*.tar.tmp``
+* **Resumable.** Inputs are cut into fixed chunks, one chunk per shard. A shard is written to ``*.tar.tmpPID``
   and renamed only once complete (after its progress record is on disk), so a killed writer never leaves a
   half shard that looks finished; a rerun keeps the finished shards and writes the rest.
 * **Idempotent.** ``stats.json`` records a fingerprint of the inputs and options; a rerun with the same
@@ -191,9 +191,30 @@ def _stats_up_to_date(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(_tmp_name(path.name))
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def _tmp_name(name: str) -> str:
+    # Per process: two writers racing on one folder never write into the same temp file (and both produce
+    # identical shards, so whichever rename lands last is fine).
+    return f"{name}.tmp{os.getpid()}"
+
+
+def _remove_stale_tmp(out_dir: Path) -> None:
+    """Delete temp files left by killed writers (their process is gone); a live writer's are kept."""
+    for p in [*out_dir.glob("shard-*.tar.tmp*"), *out_dir.glob(f"{STATS_FILE}.tmp*")]:
+        pid = p.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        p.unlink(missing_ok=True)
 
 
 def _clean_output(out_dir: Path) -> None:
@@ -201,8 +222,7 @@ def _clean_output(out_dir: Path) -> None:
     for p in _shard_files(out_dir).values():
         p.unlink()
     if out_dir.is_dir():
-        for p in out_dir.glob("shard-*.tar.tmp"):
-            p.unlink()
+        _remove_stale_tmp(out_dir)
     shutil.rmtree(out_dir / _PROGRESS_DIR, ignore_errors=True)
     (out_dir / STATS_FILE).unlink(missing_ok=True)
 
@@ -294,8 +314,7 @@ def write_shards(
     stats = _aggregate(records, source, fingerprint, extra_stats)
     _atomic_write_json(out / STATS_FILE, stats)
     shutil.rmtree(progress_dir, ignore_errors=True)
-    for p in out.glob("shard-*.tar.tmp"):
-        p.unlink()
+    _remove_stale_tmp(out)
     skipped = sum(stats["skipped"].values())
     if skipped:
         log.warning("%s: skipped %d samples %s", source, skipped, stats["skipped"])
@@ -344,10 +363,10 @@ def _write_chunk(
     import webdataset as wds  # lazily: it imports torch (seconds), which stats/up-to-date checks never need
 
     name = SHARD_PATTERN % i
-    tmp = out / (name + ".tmp")
+    tmp = out / _tmp_name(name)
     n = 0
     image_ids: set[Any] = set()
-    with open(tmp, "wb") as f:  # a stale .tmp from a killed run is simply overwritten
+    with open(tmp, "wb") as f:
         with wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME, user="zerovl", group="zerovl") as sink:
             for t in valid:
                 data, ext = loaded[t.image]

@@ -1,5 +1,4 @@
-"""Lightning callbacks that evaluate the model while it trains: retrieval, zero-shot classification, linear
-probe.
+"""Lightning callbacks that evaluate the model while it trains: retrieval, zero-shot, linear probe.
 
 They decide *when* (before the first step = the untrained baseline, every N steps / epochs, at the end of fit)
 and *where results go* (loggers under stable names, a results JSON per task in the run folder, recall@K plots,
@@ -8,8 +7,8 @@ the callbacks only call ``model.encode_*``.
 
 Every rank evaluates its share of each set and the metrics are synced, so the callbacks work unchanged under
 DDP; rank 0 writes the files. ``callback.history`` is the list of all records (see :mod:`report`) and survives
-checkpoint resume through the callback ``state_dict``; :meth:`EvalCallback.format_report` prints "step 0 vs
-final".
+checkpoint resume through the callback ``state_dict``; :meth:`EvalCallback.format_report` prints
+"step 0 vs final".
 """
 
 from __future__ import annotations
@@ -52,8 +51,7 @@ class EvalCallback(Callback):
     Args:
         every_n_steps: evaluate after every N optimizer steps (None: never on a step count).
         every_n_epochs: evaluate at the end of every N training epochs (None: never on epochs).
-        at_start: evaluate before the first step (the untrained baseline, logged as step 0); skipped on
-        resume.
+        at_start: evaluate before the first step (the untrained baseline, logged as step 0); not on resume.
         at_end: evaluate when fit ends, unless that step was just evaluated.
         output_dir: run folder for ``eval/<task>.json`` (and plots); default ``trainer.default_root_dir``.
         batch_size / num_workers: of the evaluation loaders (workers compete with training on small machines).
@@ -402,10 +400,10 @@ class LinearProbeCallback(EvalCallback):
     Args:
         sets: as :class:`ZeroShotCallback`; each needs a train split (the built-ins have one).
         train_limit / test_limit: class-balanced subsets (None: all; Fashion-MNIST has 60k / 10k).
-        image_size: eval resolution override; convolutional towers give good Fashion-MNIST features at 48–64
-        px.
+        image_size: eval resolution override; convolutional towers give good Fashion-MNIST features at
+            48–64 px (ViTs need their own size).
         weight_decays / val_fraction / max_iter: the L2 sweep (see
-        :func:`~zerovl_lightning.eval.linear_probe.linear_probe`).
+            :func:`~zerovl_lightning.eval.linear_probe.linear_probe`).
 
     Logs ``linear_probe/<set>/{top1,top5}``. Defaults to the end of fit only (features of the untrained towers
     are the pretrained towers' features, so step 0 is often interesting too: set ``at_start``).

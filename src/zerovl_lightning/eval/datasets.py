@@ -1,13 +1,9 @@
-"""Evaluation data: the eval transform, retrieval shards (webdataset), and labelled sets for zero-shot /
-probes.
+"""Evaluation data: the eval transform, retrieval shards (webdataset), labelled sets for zero-shot and probes.
 
 Everything here reads local files only. Retrieval sets are webdataset shards in the project's contract (one
-sample
-per caption: ``KEY.{jpg,png,webp}``, ``KEY.txt``, ``KEY.json`` with ``image_id`` and ``caption_id``).
-Labelled sets
-are the offline Fashion-MNIST (Debian ``dataset-fashion-mnist``) and scikit-learn digits, or any image folder
-/
-webdataset with a class-name list.
+sample per caption: ``KEY.{jpg,png,webp}``, ``KEY.txt``, ``KEY.json`` with ``image_id`` and ``caption_id``).
+Labelled sets are the offline Fashion-MNIST (Debian ``dataset-fashion-mnist``) and scikit-learn digits, or any
+image folder / webdataset with a class-name list.
 """
 
 from __future__ import annotations
@@ -381,8 +377,7 @@ def build_classification_set(
 
     Mapping keys: ``name``, ``type`` (fashion_mnist | digits | imagefolder | webdataset), ``test`` / ``train``
     (folder or shards), ``classnames`` (list or a text file, one per line; image folders default to folder
-    names),
-    ``templates``, ``label_key``, ``test_limit``, ``train_limit``.
+    names), ``templates``, ``label_key``, ``test_limit``, ``train_limit``.
     """
     spec = {"name": spec, "type": spec} if isinstance(spec, str) else dict(spec)
     kind = str(spec.get("type", spec.get("name")))

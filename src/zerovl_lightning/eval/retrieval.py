@@ -1,19 +1,15 @@
-"""Zero-shot image–text retrieval (R@K, RSUM, median rank), exact and memory-bounded, as a torchmetrics
-``Metric``.
+"""Zero-shot image–text retrieval (R@K, RSUM, median rank), exact and memory-bounded: a torchmetrics Metric.
 
 Protocol (zerovl-method.md §6): every caption and every unique image is encoded once; image→text R@K counts an
 image as a hit when **any** of its captions ranks in its top K; text→image R@K counts a caption as a hit when
 its image ranks in its top K; RSUM is the sum of the six recalls in percent.
 
 Peers (OpenCLIP, the official ZeroVL code) build the full N×M similarity matrix and argsort it. Here each
-query's
-rank is *counted*: one chunk of queries is scored against the whole gallery, and for each query we count the
-non-matching gallery items that score at least as high as its best match. That is exactly the position the
-best
-match would get in a sorted list, so R@K for every K and the median rank follow, with memory O(chunk ×
-gallery)
-instead of O(N × M) (plus O(N × M) int64 for argsort). :func:`chunked_topk` keeps a running top-k over gallery
-chunks for the example tables.
+query's rank is *counted*: one chunk of queries is scored against the whole gallery, and for each query we
+count the non-matching gallery items that score at least as high as its best match. That is exactly the
+position the best match would get in a sorted list, so R@K for every K and the median rank follow, with memory
+O(chunk × gallery) instead of O(N × M) (plus O(N × M) int64 for argsort). :func:`chunked_topk` keeps a running
+top-k over gallery chunks for the example tables.
 
 Ties are defined, not left to the sort: ``ties="pessimistic"`` (default) ranks a non-matching item with a
 score equal to the best match *ahead* of it, so a collapsed model that scores everything equally gets R@K = 0
@@ -64,11 +60,20 @@ def first_unique(ids: Tensor) -> tuple[Tensor, Tensor | None]:
     return sorted_ids[keep], order[keep]
 
 
-def _count_ahead(scores: Tensor, best: Tensor, ties: Ties) -> Tensor:
-    """Per row: how many entries (matches already set to -inf) rank ahead of ``best``; NaN best → all."""
-    ahead = (scores >= best[:, None]) if ties == "pessimistic" else (scores > best[:, None])
-    count = ahead.sum(dim=1)
-    return torch.where(torch.isfinite(best), count, torch.full_like(count, scores.shape[1]))
+def _count_ahead(scores: Tensor, best: Tensor, ties: Ties, block_elements: int = 1 << 22) -> Tensor:
+    """Per row: how many entries (matches already set to -inf) rank ahead of ``best``; NaN best → all.
+
+    Counted in column blocks: summing a bool matrix casts it to int64 (8 bytes per score), which would double
+    the memory of the score chunk.
+    """
+    rows, cols = scores.shape
+    step = max(1, block_elements // max(rows, 1))
+    count = torch.zeros(rows, dtype=torch.long, device=scores.device)
+    threshold = best[:, None]
+    for start in range(0, cols, step):
+        block = scores[:, start : start + step]
+        count += ((block >= threshold) if ties == "pessimistic" else (block > threshold)).sum(dim=1)
+    return torch.where(torch.isfinite(best), count, torch.full_like(count, cols))
 
 
 def retrieval_ranks(
@@ -84,8 +89,8 @@ def retrieval_ranks(
         image_emb: [Ni, D] one row per unique image; text_emb: [Nt, D] one row per caption.
         caption_image_index: [Nt] row of each caption's image in ``image_emb``.
     Returns:
-        ``(i2t [Nq], t2i [Nt], query_image_index [Nq])``: 0-based ranks; images without captions are not
-        queries.
+        ``(i2t [Nq], t2i [Nt], query_image_index [Nq])``: 0-based ranks; images without captions are
+        distractors for text→image, not image→text queries.
     """
     if ties not in ("pessimistic", "optimistic"):
         raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
@@ -194,6 +199,13 @@ def chunked_topk(queries: Tensor, gallery: Tensor, k: int, chunk_size: int = 409
     return best_scores, best_index
 
 
+def _cat(states: list[Tensor] | Tensor) -> Tensor:
+    """Concatenate list states, without a copy when there is one tensor (after a DDP sync there always is)."""
+    if isinstance(states, Tensor):
+        return states
+    return states[0] if len(states) == 1 else dim_zero_cat(states)
+
+
 class RetrievalMetric(Metric):
     """Image–text retrieval over everything passed to :meth:`update`, synced across DDP ranks.
 
@@ -254,9 +266,9 @@ class RetrievalMetric(Metric):
     def compute_ranks(self) -> tuple[RetrievalRanks, Tensor, Tensor]:
         """Deduplicate, order by id, and rank both directions. Returns (ranks, image_emb, text_emb) in gallery
         order."""
-        image_ids, image_emb = dim_zero_cat(self.image_ids), dim_zero_cat(self.image_emb)
-        caption_ids, text_emb = dim_zero_cat(self.caption_ids), dim_zero_cat(self.text_emb)
-        caption_image_ids = dim_zero_cat(self.caption_image_ids)
+        image_ids, image_emb = _cat(self.image_ids), _cat(self.image_emb)
+        caption_ids, text_emb = _cat(self.caption_ids), _cat(self.text_emb)
+        caption_image_ids = _cat(self.caption_image_ids)
         if caption_ids.numel() == 0:
             raise ValueError("RetrievalMetric has no captions: call update() before compute()")
         image_ids, keep = first_unique(image_ids)

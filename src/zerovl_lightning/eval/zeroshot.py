@@ -58,14 +58,20 @@ def zeroshot_classifier(
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def classification_metrics(num_classes: int, device: torch.device | str = "cpu") -> MetricCollection:
-    """top1, top5 (when there are ≥ 5 classes) and mean per-class recall, as CLIP_benchmark."""
+def classification_metrics(
+    num_classes: int, device: torch.device | str = "cpu", sync: bool = True
+) -> MetricCollection:
+    """top1, top5 (when there are ≥ 5 classes) and mean per-class recall, as CLIP_benchmark.
+
+    ``sync=False`` when every rank already holds all predictions (the linear probe fits on gathered features).
+    """
+    kw: dict[str, Any] = {"sync_on_compute": sync}
     metrics: dict[str, Any] = {
-        "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        "mean_per_class_recall": MulticlassRecall(num_classes, average="macro"),
+        "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", **kw),
+        "mean_per_class_recall": MulticlassRecall(num_classes, average="macro", **kw),
     }
     if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **kw)
     # compute_groups=False: top-1 and top-5 have equal state shapes; torchmetrics would merge them for good if
     # their states coincide after the first batch (a perfect first batch), and top-5 would then report top-1
     return MetricCollection(metrics, compute_groups=False).to(device)

@@ -87,7 +87,7 @@ class ZeroVLModule(L.LightningModule):
         self.loss_fn = ContrastiveLoss(gather_with_grad=gather_with_grad)
         self._step_started: float | None = None
 
-        # Coin-flipping mixup (off unless configured) and decoupled gradient accumulation (on iff sub_batch_size).
+        # Coin-flipping mixup (off unless configured); decoupled gradient accumulation iff sub_batch_size.
         mixup_cfg = dict(_plain(mixup) or {"enabled": False})
         self.mixup = CoinFlipMixup(**mixup_cfg)
         self.dga_cfg = {**DEFAULT_DGA, **(_plain(dga) or {})}

@@ -17,7 +17,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv system-deps demo-data train test test-fast test-slow bench lint format clean
+.PHONY: help venv system-deps demo-data train test test-slow bench lint format strip-notebooks clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -48,13 +48,16 @@ train: demo-data ## Train + evaluate the demo experiment, print the results tabl
 	$(VENV)/bin/zerovl-train experiment=demo $(ARGS)
 
 test: venv system-deps ## Run the test suite (slow tests excluded)
-	$(VENV)/bin/pytest -m "not slow" -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not slow" -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 test-slow: venv system-deps ## Run only the slow tests
 	$(VENV)/bin/pytest -m slow -q $(PYTEST_ARGS)
 
 bench: venv demo-data ## Run the benchmarks; results in bench/results/
 	$(PY) bench/run_all.py
+
+strip-notebooks: venv ## Remove outputs from notebooks/*.ipynb (before committing)
+	$(PY) tests/test_notebooks.py --strip
 
 lint: venv ## ruff check
 	$(VENV)/bin/ruff check src tests bench

@@ -17,7 +17,7 @@ from zerovl_lightning.loss import ContrastiveLoss, SoftTargets
 from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair, global_partner
 from zerovl_lightning.model import build_tiny
 
-pytestmark = pytest.mark.ddp
+pytestmark = [pytest.mark.ddp, pytest.mark.xdist_group("ddp_loss")]  # one worker: one spawn for all
 
 WORLD, LOCAL = 2, 4  # 2 ranks × 4 samples = global batch 8
 MIXUP_SEED = 42

@@ -158,6 +158,26 @@ def test_dropout_needs_rng_replay(k):
     assert _max_rel_err(g_other, g_ref) > 1e-2
 
 
+def test_kept_last_graph_saves_one_forward_and_changes_nothing():
+    """2K − 1 forwards with the kept graph, 2K without; both equal the reference (dropout on, K = 4)."""
+    model, batch = _model(dropout=0.1), _batch()
+    subs = split_batch(batch, 2)
+    torch.manual_seed(5)
+    _, g_ref = _reference_subbatched(model, subs)
+    for keep, expected_calls in ((True, 7), (False, 8)):
+        calls = []
+
+        def encode(s, calls=calls):
+            calls.append(1)
+            return encode_pair(model, s["image"], s["text"])
+
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        DecoupledStep(keep_last_graph=keep)(model, encode, subs, model.logit_scale)
+        assert len(calls) == expected_calls
+        assert _max_rel_err(_grads(model), g_ref) <= TOL
+
+
 def test_tiny_temperature_finite():
     model, batch = _model(temperature=0.005), _batch()
     targets = SoftTargets(0.1, global_partner(N, block=4))

@@ -119,20 +119,3 @@ def test_offline_run_records_config_metrics_tables_and_checkpoints(tmp_path: Pat
     assert Path(summary["checkpoint/last_path"]).is_file()
     assert Path(summary["checkpoint/dir"]) == run_dir / "checkpoints"
     assert rec["exit_code"] == 0  # finished by the job, not by the interpreter's exit
-
-
-def test_failed_job_finishes_its_run_with_an_error_code(tmp_path: Path, cache: Path) -> None:
-    """A job that fails inside fit still closes its wandb run (exit code 1), so the next job of a sweep starts
-    a run of its own instead of logging into this one."""
-    run_dir = tmp_path / "run"
-    proc = zerovl_train(
-        ["experiment=smoke", "logger=wandb", "module.optimizer.lr=-1", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        cache=cache,
-        check=False,
-    )
-    assert proc.returncode != 0 and "Invalid learning rate" in proc.stderr
-    (run,) = wandb_runs(run_dir)
-    rec = read_wandb_run(run)
-    assert rec["config"]["module"]["optimizer"]["lr"] == -1
-    assert rec["exit_code"] == 1

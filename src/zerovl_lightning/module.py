@@ -40,6 +40,7 @@ DEFAULT_DGA: dict[str, Any] = {
     "gradient_clip_val": None,
     "gradient_clip_algorithm": "norm",
     "bucket_mb": 25.0,
+    "keep_last_graph": True,
 }
 
 
@@ -95,7 +96,9 @@ class ZeroVLModule(L.LightningModule):
             raise ValueError(f"module.sub_batch_size must be positive, got {sub_batch_size}")
         self.sub_batch_size = None if sub_batch_size is None else int(sub_batch_size)
         self.dga_step = DecoupledStep(
-            closed_form=self.dga_cfg["closed_form"], bucket_mb=self.dga_cfg["bucket_mb"]
+            closed_form=self.dga_cfg["closed_form"],
+            bucket_mb=self.dga_cfg["bucket_mb"],
+            keep_last_graph=self.dga_cfg["keep_last_graph"],
         )
         self.automatic_optimization = self.sub_batch_size is None
         self.save_hyperparameters(

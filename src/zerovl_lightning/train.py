@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -45,14 +46,48 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = prepare_resume(cfg)  # newest loadable checkpoint; may set the wandb run id to resume
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config, once
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    failed = True
+    try:
+        for lg in trainer.loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config, once
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        failed = False
+    finally:
+        finish_loggers(trainer, failed=failed)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
         print_report(trainer)
     return metrics
+
+
+def checkpoint_metadata(trainer: L.Trainer) -> dict[str, Any]:
+    """Where the run's checkpoints are and at which step (for the loggers' run summary)."""
+    meta: dict[str, Any] = {"checkpoint/global_step": int(trainer.global_step)}
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "last_model_path", ""):
+            meta["checkpoint/last_path"] = cb.last_model_path
+        if getattr(cb, "best_model_path", ""):
+            meta["checkpoint/best_path"] = cb.best_model_path
+        if getattr(cb, "dirpath", None):
+            meta["checkpoint/dir"] = str(cb.dirpath)
+    return meta
+
+
+def finish_loggers(trainer: L.Trainer, failed: bool = False) -> None:
+    """End this job's wandb run (checkpoint metadata into its summary, then ``wandb.finish``).
+
+    wandb keeps one global run per process: unfinished, the next job of a multirun (same process) would log
+    into this job's run. A failed job's run is finished too, with exit code 1.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero and lg._experiment is not None:
+            lg.experiment.summary.update(checkpoint_metadata(trainer))
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def print_report(trainer: L.Trainer) -> None:
@@ -68,9 +103,15 @@ def main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
     name = cfg.get("optimized_metric")
     if name:
-        if name not in metrics:
-            raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}")
-        return metrics[name]
+        if name in metrics:
+            return metrics[name]
+        message = f"optimized_metric {name!r} was not logged; logged: {sorted(metrics)}"
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise KeyError(message)  # a sweeper needs a value for every job
+        log.warning(message)
     return None
 
 

@@ -45,7 +45,7 @@ from .writers import (
     write_shards,
 )
 
-DEMO_VERSION = 2  # bump when the listing, filtering or rendering changes: cached demos are then rebuilt
+DEMO_VERSION = 3  # bump when the listing, filtering or rendering changes: cached demos are then rebuilt
 SOURCES = ("tuxpaint", "emoji", "openclipart", "flags")
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
@@ -629,9 +629,16 @@ def _build_source(
     held = heldout_captions(captions, config["heldout_fraction"], config["max_heldout"])
     text_ids = {c: i for i, c in enumerate(sorted({normalize_caption(c) for c in captions}))}
     split_tasks: dict[str, list[ShardTask]] = {sp: [] for sp in SPLITS}
+    held_seen: set[str] = set()
     for image_id, it in enumerate(items):
         norm = normalize_caption(it.caption)
         split = "heldout" if norm in held else "train"
+        if split == "heldout":
+            # One image per held-out caption: a caption shared by several images ("A flower." x6) is an
+            # ambiguous retrieval query whose identical text embeddings would tie; its other images are dropped.
+            if norm in held_seen:
+                continue
+            held_seen.add(norm)
         meta = {
             "image_id": image_id,
             "caption_id": image_id,

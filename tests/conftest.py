@@ -17,9 +17,9 @@ def pretrained_model():
     """EfficientNet-Lite0 + MiniLM towers from the offline PyPI packages (conf/model/effl0_minilm.yaml)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+    from zerovl_lightning.conf import __path__ as conf_path
 
     import zerovl_lightning.assets  # noqa: F401
-    from zerovl_lightning.conf import __path__ as conf_path
 
     cfg = OmegaConf.load(os.path.join(conf_path[0], "model", "effl0_minilm.yaml"))
     return instantiate(cfg)

@@ -157,6 +157,7 @@ class ZeroVLModule(L.LightningModule):
         ddp = self.trainer.strategy.model if self._trainer is not None else None
         with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else nullcontext():
             opt.step(closure=closure)
+        self.model.clamp_temperature_()  # inside the step: checkpoint callbacks run before on_train_batch_end
         if sched is not None:
             sched.step()
         loss = result["loss"]  # the full-batch loss with this step's targets, identical on every rank
@@ -217,8 +218,23 @@ class ZeroVLModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Clamp τ right after the update, so the checkpoint a callback saves at batch end holds the clamped value."""
+        super().optimizer_step(*args, **kwargs)
         self.model.clamp_temperature_()
+
+    def on_train_epoch_end(self) -> None:
+        """Log the bad samples skipped so far, per source and kind (summed over ranks; a collective)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counts_fn = getattr(datamodule, "bad_sample_counts", None)
+        if not callable(counts_fn):
+            return
+        counts = counts_fn(sync=self.trainer.world_size > 1)
+        flat = {f"data/bad/{src}/{kind}": float(n) for src, kinds in counts.items() for kind, n in kinds.items()}
+        if flat:
+            self.log_dict(flat, rank_zero_only=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_started is not None:
             seconds = time.perf_counter() - self._step_started
             n = batch["image"].shape[0] * self.trainer.world_size

@@ -26,6 +26,7 @@ from zerovl_lightning.data.demo import (
     heldout_captions,
     list_emoji,
     list_openclipart,
+    list_source,
     normalize_caption,
     render_item,
 )
@@ -61,6 +62,13 @@ def _digests(root: Path) -> dict[str, str]:
     }
 
 
+def _expected_total(source: str) -> int:
+    """Train items plus one held-out item per held-out caption (repeated held-out captions are ambiguous queries)."""
+    captions = [normalize_caption(it.caption) for it in list_source(source)[:LIMIT]]
+    held = heldout_captions(captions, fraction=0.2, max_heldout=400)
+    return sum(c not in held for c in captions) + len(held & set(captions))
+
+
 @needs_assets
 def test_subset_has_every_source_and_contract_layout(subset_cache: Path) -> None:
     dirs = demo_split_dirs(subset_cache)
@@ -81,7 +89,10 @@ def test_subset_has_every_source_and_contract_layout(subset_cache: Path) -> None
                 assert isinstance(meta["image_id"], int) and isinstance(meta["caption_id"], int)
                 im = Image.open(io.BytesIO(s["jpg"]))
                 assert im.mode == "RGB" and max(im.size) == 160
-        assert total == LIMIT  # nothing lost in the subset (the first items all render)
+        assert total == _expected_total(source)  # nothing else lost in the subset (the first items all render)
+        held = [normalize_caption(s["txt"] if isinstance(s["txt"], str) else s["txt"].decode())
+                for s in read_shards(splits["heldout"]).values()]
+        assert len(held) == len(set(held))  # one image per held-out caption
         assert read_stats(splits["heldout"])["num_samples"] >= 1
 
 
@@ -103,7 +114,7 @@ def test_build_is_deterministic_and_idempotent(subset_cache: Path, tmp_path: Pat
     manifest = build_demo(other, limit=LIMIT, workers=2, progress=False)
     assert manifest["status"] == "up-to-date" and time.perf_counter() - t0 < 1.0
     assert set(manifest["sources"]) == set(SOURCES)
-    assert manifest["totals"]["train"] + manifest["totals"]["heldout"] == LIMIT * len(SOURCES)
+    assert manifest["totals"]["train"] + manifest["totals"]["heldout"] == sum(_expected_total(s) for s in SOURCES)
 
     # another configuration (here: image size) is a rebuild, not a silent reuse
     rebuilt = build_demo(other, limit=LIMIT, image_size=96, workers=0, progress=False, sources=["flags"])

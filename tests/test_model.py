@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from zerovl_lightning.model import build_dual_encoder, build_tiny, load_state_dict_by_order
+from zerovl_lightning.model import TINY_MODEL_CFG, build_dual_encoder, build_tiny, load_state_dict_by_order
+
+TINY_TEXT = TINY_MODEL_CFG["text_cfg"]
 
 
 def test_tiny_encoders_are_normalised_and_shaped():
@@ -90,3 +92,21 @@ def test_offline_pretrained_towers_load_and_classify(pretrained_model):
     emb = model.encode_text(model.tokenize(["a photo of a cat"]))
     assert emb.shape == (1, 256)
     trunk.train()
+
+
+def test_locked_tower_keeps_batchnorm_statistics_and_activations():
+    """Locking keeps BatchNorm in eval mode through .train() and keeps timm's fused activations (features vary)."""
+    model = build_dual_encoder(
+        "tiny-timm",
+        {"embed_dim": 16, "vision_cfg": {"timm_model_name": "efficientnet_b0", "timm_model_pretrained": False,
+                                         "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
+         "text_cfg": TINY_TEXT},
+        lock_image=True,
+    )
+    model.train()
+    bns = [m for m in model.clip.visual.trunk.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(not m.training for m in bns)
+    assert all(type(m).__name__ == "BatchNormAct2d" for m in bns if hasattr(m, "act"))  # not FrozenBatchNorm2d
+    assert model.clip.visual.head.proj.weight.requires_grad
+    u = model.encode_image(torch.randn(8, 3, 32, 32))
+    assert u.std(dim=0).mean() > 1e-3  # a tower without its activations collapses to one embedding

@@ -106,6 +106,18 @@ class DualEncoder(nn.Module):
     def context_length(self) -> int:
         return int(getattr(self.tokenizer, "context_length", 77))
 
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Like ``nn.Module.train``, but BatchNorms whose parameters are frozen (a locked tower) keep their running
+        statistics: normalising a frozen pretrained tower with batch statistics would change its features."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)
+                ):
+                    module.eval()
+        return self
+
     def clamp_temperature_(self) -> None:
         """Keep τ inside its range (OpenCLIP clamps the same way, on the parameter after the step)."""
         lo, hi = self.temperature_range
@@ -192,7 +204,9 @@ def build_dual_encoder(
         log.info("loaded %d image-tower tensors from %s", n, image_tower_weights)
 
     if lock_image:
-        clip.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=True)
+        # Not open_clip's freeze_bn_stats: it swaps timm's BatchNormAct2d for FrozenBatchNorm2d and drops the fused
+        # activation (an EfficientNet without ReLU6 collapses). Locked BatchNorms stay in eval mode instead.
+        clip.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=False)
     if lock_text:
         clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _INSTALL_HINT = "pip install 'zerovl-lightning[pretrained]' (or: make venv)"
 
@@ -63,6 +64,12 @@ def wandb_offline() -> bool:
         return False
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def to_plain(obj: Any) -> Any:
+    """Config nodes → plain (resolved) dicts/lists; anything else unchanged. Plain values pickle into checkpoints
+    and hyper-parameters without Hydra objects."""
+    return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, (DictConfig, ListConfig)) else obj
 
 
 def register_resolvers() -> None:

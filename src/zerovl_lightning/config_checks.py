@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-import zerovl_lightning.assets  # noqa: F401  (the ${zerovl.asset:...} resolvers the data paths use)
+from zerovl_lightning.assets import to_plain  # also registers the ${zerovl.asset:...} resolvers
 
 
 class ConfigError(ValueError):
@@ -43,10 +43,6 @@ def _node(cfg: Any, key: str) -> Any:
         if cur is None:
             return None
     return cur
-
-
-def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
 
 
 def _int(cfg: Any, key: str) -> int | None:
@@ -112,7 +108,7 @@ def _check_data(cfg: DictConfig) -> None:
         raise ConfigError(
             "data.sources is not set: give your shard folders, e.g. 'data.sources={cc3m: /data/cc3m/}'"
         )
-    sources = _plain(_node(cfg, "data.sources"))
+    sources = to_plain(_node(cfg, "data.sources"))
     if not isinstance(sources, Mapping) or not sources:
         raise ConfigError("data.sources is empty: give at least one {name: {path: <shard dir/glob/list>}}")
     names = [str(n) for n in sources]
@@ -137,7 +133,7 @@ def _check_data(cfg: DictConfig) -> None:
     split = _node(cfg, "data.split")
     if split is not None and split not in _SPLITS:
         raise ConfigError(f"data.split={split!r} is unknown; use one of {list(_SPLITS)}")
-    weights = _plain(_node(cfg, "data.weights"))
+    weights = to_plain(_node(cfg, "data.weights"))
     if isinstance(weights, Mapping):
         unknown = sorted(set(map(str, weights)) - set(names))
         if unknown:
@@ -151,7 +147,7 @@ def _check_data(cfg: DictConfig) -> None:
         missing = [n for n, s in sources.items() if not isinstance(s, Mapping) or s.get("weight") is None]
         if missing:
             raise ConfigError(f"data.weights=explicit needs data.sources.<name>.weight for {missing}")
-    order = _plain(_node(cfg, "data.order"))
+    order = to_plain(_node(cfg, "data.order"))
     if order:
         unknown = sorted(set(map(str, order)) - set(names))
         if unknown:

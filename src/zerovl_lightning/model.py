@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from open_clip import factory as oc_factory
 from torch import nn
 
+from zerovl_lightning.assets import to_plain
+
 log = logging.getLogger(__name__)
 
 
@@ -174,7 +176,7 @@ def build_dual_encoder(
             (open_clip's LiT-style locking; projections stay trainable) — fast CPU alignment of unimodal towers.
     """
     if model_cfg is not None:
-        cfg = copy.deepcopy(_to_container(model_cfg))
+        cfg = copy.deepcopy(dict(to_plain(model_cfg)))
         if image_size is not None:
             cfg.setdefault("vision_cfg", {})["image_size"] = image_size
         if context_length is not None:
@@ -187,7 +189,7 @@ def build_dual_encoder(
 
     kwargs: dict[str, Any] = dict(create_kwargs)
     if preprocess_cfg is not None:
-        kwargs["force_preprocess_cfg"] = _to_container(preprocess_cfg)
+        kwargs["force_preprocess_cfg"] = dict(to_plain(preprocess_cfg))
     if model_cfg is None and image_size is not None:
         kwargs["force_image_size"] = image_size
     if model_cfg is None and context_length is not None:
@@ -212,17 +214,6 @@ def build_dual_encoder(
 
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature, tuple(temperature_range))
-
-
-def _to_container(cfg: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
 
 
 TINY_MODEL_CFG: dict[str, Any] = {

@@ -11,10 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from zerovl_lightning.assets import to_plain
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
 from zerovl_lightning.loss import ContrastiveLoss
@@ -44,13 +44,6 @@ DEFAULT_DGA: dict[str, Any] = {
 }
 
 
-def _plain(cfg: Any) -> Any:
-    """Config nodes → plain containers, so hyper-parameters pickle and reload without Hydra objects."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
 class ZeroVLModule(L.LightningModule):
     """Trains a :class:`DualEncoder` with symmetric InfoNCE over the whole (gathered) global batch.
 
@@ -73,11 +66,11 @@ class ZeroVLModule(L.LightningModule):
             self.save_hyperparameters(ignore=["model"])
             self.model = model
         else:
-            model = _plain(model)
+            model = to_plain(model)
             self.save_hyperparameters({"model": model})
             self.model = instantiate(model)
-        self.optimizer_cfg = dict(_plain(optimizer) or DEFAULT_OPTIMIZER)
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(_plain(scheduler) or {})}
+        self.optimizer_cfg = dict(to_plain(optimizer) or DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(to_plain(scheduler) or {})}
         self.save_hyperparameters(
             {
                 "optimizer": self.optimizer_cfg,
@@ -89,9 +82,9 @@ class ZeroVLModule(L.LightningModule):
         self._step_started: float | None = None
 
         # Coin-flipping mixup (off unless configured); decoupled gradient accumulation iff sub_batch_size.
-        mixup_cfg = dict(_plain(mixup) or {"enabled": False})
+        mixup_cfg = dict(to_plain(mixup) or {"enabled": False})
         self.mixup = CoinFlipMixup(**mixup_cfg)
-        self.dga_cfg = {**DEFAULT_DGA, **(_plain(dga) or {})}
+        self.dga_cfg = {**DEFAULT_DGA, **(to_plain(dga) or {})}
         if sub_batch_size is not None and int(sub_batch_size) <= 0:
             raise ValueError(f"module.sub_batch_size must be positive, got {sub_batch_size}")
         self.sub_batch_size = None if sub_batch_size is None else int(sub_batch_size)

@@ -47,6 +47,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from ..assets import to_plain
 from .sampling import SourceSampler, source_probabilities
 from .shards import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -69,17 +70,6 @@ log = logging.getLogger(__name__)
 
 _SOURCE_KEYS = {"path", "urls", "weight", "num_samples"}
 STATE_VERSION = 1
-
-
-def _to_container(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 def _default_tokenizer() -> Any:
@@ -378,8 +368,8 @@ class ZeroVLDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         # Hydra hands nested values over as DictConfig/ListConfig (also the model's preprocess_cfg kwarg)
-        sources, weights, order = _to_container(sources), _to_container(weights), _to_container(order)
-        crop_scale, preprocess_cfg = _to_container(crop_scale), _to_container(preprocess_cfg)
+        sources, weights, order = to_plain(sources), to_plain(weights), to_plain(order)
+        crop_scale, preprocess_cfg = to_plain(crop_scale), to_plain(preprocess_cfg)
         if not isinstance(sources, Mapping) or not sources:
             raise ValueError("ZeroVLDataModule needs at least one source: sources={name: {path: ...}}")
         if sampling not in ("debias", "shuffle", "sequential"):

@@ -47,6 +47,16 @@ demo-data: venv system-deps ## Build the demo webdataset shards into $(CACHE) (i
 train: demo-data ## Train + evaluate the demo experiment, print the results table
 	$(VENV)/bin/zerovl-train experiment=demo $(ARGS)
 
+ABLATE_DIR ?= $(CURDIR)/logs/ablation/make_ablate
+ABLATE_OUT ?= bench/results/ablation
+ABLATE_ARGS ?=
+.PHONY: ablate
+ablate: demo-data ## ZeroVL ablation, 5 arms x 3 seeds on the demo -> bench/results/ablation.{json,md,png}
+	rm -rf $(ABLATE_DIR); start=$$(date +%s); \
+	$(VENV)/bin/zerovl-train -m experiment=ablation seed=1,2,3 +ablation_arm=baseline,debias,mixup,dga,zerovl \
+	  hydra.sweep.dir=$(ABLATE_DIR) $(ABLATE_ARGS) && \
+	$(PY) bench/ablation.py $(ABLATE_DIR) --out $(ABLATE_OUT) --wall-s $$(( $$(date +%s) - start )) --load "$$(uptime)"
+
 test: venv system-deps ## Run the test suite (slow tests excluded)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not slow" -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 

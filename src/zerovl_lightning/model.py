@@ -5,8 +5,10 @@ stay open_clip-compatible:
 
 - a named open_clip config (``ViT-B-16``), random init or weights from a local file (``pretrained=/path.pt``);
 - a custom config dict (``model_cfg``), registered under ``model_name`` — tiny towers for tests;
-- pretrained unimodal towers: a timm image tower + an HF text tower (ZeroVL's recipe), with optional image-tower
-  weights from a local state_dict (``image_tower_weights``), mapped onto timm by order and shape.
+- pretrained unimodal towers: a timm image tower + an HF text tower (ZeroVL's recipe). Offline, each comes from one
+  local key: ``image_tower_weights`` (a timm checkpoint file or folder; another layout is mapped by order and shape)
+  and ``text_tower_weights`` (an HF ``save_pretrained`` folder with its tokenizer). Online (``HF_HUB_OFFLINE=0``),
+  hub names work: timm's ``timm_model_pretrained`` weights and an HF model name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -50,6 +53,44 @@ def load_state_dict_by_order(module: nn.Module, state_dict: Mapping[str, torch.T
                 raise ValueError(f"shape mismatch mapping {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}")
             dv.copy_(sv)
     return len(dst)
+
+
+HEAD_KEYS = ("head.", "fc.", "classifier.", "_fc.")  # classifier heads of timm / lukemelas checkpoints
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")  # in a folder, first found
+
+
+def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a local ``.safetensors`` / ``.pth`` / ``.bin`` file, or from a folder holding one of
+    :data:`WEIGHT_FILES` (timm's and HF's hub layout)."""
+    path = Path(source)
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no {' / '.join(WEIGHT_FILES)} in this folder")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file (model.image_tower_weights)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_image_tower(trunk: nn.Module, source: str | Path) -> int:
+    """Load a local checkpoint into a timm trunk: by name when it is a timm checkpoint of this architecture
+    (classifier head dropped; any other missing or extra tensor is an error), else by order and shape."""
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(source).items()}
+    body = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
+    wanted = set(trunk.state_dict())
+    if wanted <= set(state):
+        extra = sorted(set(body) - wanted)
+        if extra:
+            raise ValueError(f"{source}: tensors the image tower does not have: {extra[:5]}")
+        trunk.load_state_dict({k: state[k] for k in wanted}, strict=True)
+        return len(wanted)
+    return load_state_dict_by_order(trunk, body)
 
 
 class DualEncoder(nn.Module):
@@ -148,6 +189,7 @@ def build_dual_encoder(
     model_cfg: Mapping[str, Any] | None = None,
     pretrained: str | None = None,
     image_tower_weights: str | None = None,
+    text_tower_weights: str | None = None,
     temperature: float = 0.02,
     learn_temperature: bool = False,
     temperature_range: tuple[float, float] = (0.001, 0.5),
@@ -167,7 +209,10 @@ def build_dual_encoder(
         model_cfg: custom open_clip config (``embed_dim``, ``vision_cfg``, ``text_cfg``); registered as
             ``model_name``. HF text towers load from ``text_cfg.hf_model_name`` (a local folder offline).
         pretrained: a local open_clip checkpoint file for the whole model (never a hub tag at run time).
-        image_tower_weights: a local state_dict for the timm image trunk, copied by order and shape.
+        image_tower_weights: a local checkpoint (file or folder) for the timm image trunk: loaded by name when it is
+            timm's, else copied by order and shape; replaces timm's hub weights (``timm_model_pretrained``).
+        text_tower_weights: the HF text tower and its tokenizer: a local ``save_pretrained`` folder, or a hub name
+            when ``HF_HUB_OFFLINE=0``; sets ``text_cfg.hf_model_name`` and ``hf_tokenizer_name``.
         temperature / learn_temperature / temperature_range: ZeroVL's τ (fixed 0.02 in the paper).
         image_size / context_length: overrides of the config's values (e.g. 128 px for CPU training).
         preprocess_cfg: overrides of open_clip's preprocessing (``mean``, ``std``, ``interpolation``…), e.g. the
@@ -181,6 +226,10 @@ def build_dual_encoder(
             cfg.setdefault("vision_cfg", {})["image_size"] = image_size
         if context_length is not None:
             cfg.setdefault("text_cfg", {})["context_length"] = context_length
+        if image_tower_weights is not None:  # the local file replaces timm's hub weights: no download
+            cfg.setdefault("vision_cfg", {})["timm_model_pretrained"] = False
+        if text_tower_weights is not None:
+            cfg.setdefault("text_cfg", {}).update(hf_model_name=text_tower_weights, hf_tokenizer_name=text_tower_weights)
         register_model_config(model_name, cfg)
     elif model_name not in open_clip.list_models():
         raise ValueError(f"Unknown open_clip model {model_name!r}; give model_cfg or one of open_clip.list_models()")
@@ -194,15 +243,20 @@ def build_dual_encoder(
         kwargs["force_image_size"] = image_size
     if model_cfg is None and context_length is not None:
         kwargs["force_context_length"] = context_length
-    clip = open_clip.create_model(model_name, pretrained=pretrained, output_dict=False, **kwargs)
+    try:
+        clip = open_clip.create_model(model_name, pretrained=pretrained, output_dict=False, **kwargs)
+    except OSError as err:  # huggingface_hub / transformers: not cached and offline, or no such folder
+        raise OSError(
+            f"model {model_name}: could not load a pretrained tower ({str(err).splitlines()[0]}); offline "
+            "(HF_HUB_OFFLINE=1, the default) set model.image_tower_weights=<timm checkpoint file or folder> and "
+            "model.text_tower_weights=<HF save_pretrained folder>, or allow the hub with HF_HUB_OFFLINE=0"
+        ) from err
 
     if image_tower_weights is not None:
         trunk = getattr(clip.visual, "trunk", None)
         if trunk is None:
             raise ValueError("image_tower_weights needs a timm image tower (vision_cfg.timm_model_name)")
-        state = torch.load(image_tower_weights, map_location="cpu", weights_only=True)
-        head = {"_fc.weight", "_fc.bias", "classifier.weight", "classifier.bias", "fc.weight", "fc.bias"}
-        n = load_state_dict_by_order(trunk, {k: v for k, v in state.items() if k not in head})
+        n = load_image_tower(trunk, image_tower_weights)
         log.info("loaded %d image-tower tensors from %s", n, image_tower_weights)
 
     if lock_image:

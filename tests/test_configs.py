@@ -196,43 +196,28 @@ def test_wheel_ships_every_config() -> None:
         assert options(group), group
 
 
-# ----------------------------------------------------------------------------------------- paper experiments
-def test_zerovl_14m_is_the_paper_config(tmp_path: Path) -> None:
-    cfg = compose_train(["experiment=zerovl_14m"], tmp_path)
-    assert cfg.model.model_cfg.vision_cfg.timm_model_name.startswith("vit_base_patch16_224")
-    assert cfg.model.model_cfg.text_cfg.hf_pooler_type == "cls_pooler"
-    assert cfg.model.model_cfg.text_cfg.context_length == 25
-    assert cfg.model.model_cfg.embed_dim == 512
-    assert (cfg.model.temperature, cfg.model.learn_temperature) == (0.02, False)
-    opt = cfg.module.optimizer
-    assert (opt.lr, list(opt.betas), opt.eps, opt.weight_decay) == (1e-4, [0.9, 0.98], 1e-6, 1e-3)
-    assert (cfg.module.scheduler.warmup_fraction, cfg.module.scheduler.min_lr_ratio) == (0.025, 0.1)
-    assert cfg.trainer.max_epochs == 20 and cfg.trainer.precision == "16-mixed" and cfg.trainer.devices == 8
-    assert cfg.data.batch_size * cfg.trainer.devices == 1024  # global batch without DGA
-    assert cfg.module.get("sub_batch_size") is None
-    assert cfg.data.sampling == "debias" and cfg.data.text_augment and cfg.data.auto_augment
-    assert cfg.hydra.runtime.choices.method == "mixup"
-    assert cfg.module.mixup.enabled and cfg.module.mixup.beta == 0.1 and cfg.module.mixup.prob_image == 0.5
+# ----------------------------------------------------------------------------------- experiment x method
+# What each method means for the training step: (decoupled gradient accumulation, coin-flipping mixup).
+METHODS = {"plain": (False, False), "mixup": (False, True), "dga": (True, False), "zerovl": (True, True)}
 
 
-def test_zerovl_dga_16k_is_the_paper_config(tmp_path: Path) -> None:
-    cfg = compose_train(["experiment=zerovl_dga_16k"], tmp_path)
-    assert cfg.data.batch_size * cfg.trainer.devices == 16384  # global batch with DGA
-    assert cfg.module.sub_batch_size == 128  # per GPU: sub-batch 1024 global
-    assert cfg.data.batch_size % cfg.module.sub_batch_size == 0
-    assert cfg.trainer.precision == "16-mixed" and cfg.trainer.max_epochs == 20
-    assert cfg.data.sampling == "debias" and cfg.module.mixup.enabled and cfg.module.mixup.beta == 0.1
-    assert cfg.hydra.runtime.choices.method == "zerovl"  # mixup + DGA
-    assert cfg.model.model_name == "zerovl-vit-b16-bert" and cfg.model.temperature == 0.02
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_x_method_runs_what_the_method_says(experiment: str, method: str, tmp_path: Path) -> None:
+    """``method=`` owns its keys in every experiment: the module built from the composed config has sub-batches
+    iff the method is dga/zerovl (at the experiment's method.sub_batch_size) and mixup iff mixup/zerovl."""
+    from zerovl_lightning.module import ZeroVLModule
 
-
-def test_baseline_switches_zerovl_off(tmp_path: Path) -> None:
-    cfg = compose_train(["experiment=baseline"], tmp_path)
-    assert not cfg.module.mixup.enabled and cfg.hydra.runtime.choices.method == "plain"
-    assert cfg.data.sampling == "shuffle"
-    assert cfg.model.model_name == "zerovl-vit-b16-bert" and cfg.trainer.max_epochs == 20
-    assert cfg.module.get("sub_batch_size") is None
-    assert cfg.data.batch_size * cfg.trainer.devices == 1024
+    dga, mixup = METHODS[method]
+    cfg = compose_train([f"experiment={experiment}", f"method={method}", "model=tiny"], tmp_path)
+    assert set(METHODS) == set(options("method"))
+    module = instantiate(cfg.module)  # the real module on the tiny towers (the paper's need GPUs)
+    assert isinstance(module, ZeroVLModule)
+    assert module.automatic_optimization is (not dga)
+    assert module.sub_batch_size == (cfg.method.sub_batch_size if dga else None)
+    if dga:
+        assert cfg.data.batch_size % module.sub_batch_size == 0
+    assert module.mixup.enabled is mixup
 
 
 # --------------------------------------------------------------------------------------------- instantiation

@@ -125,3 +125,18 @@ def test_offline_without_local_weights_names_the_keys(tmp_path, monkeypatch):
         instantiate(cfg.model)
     assert isinstance(err.value.__cause__, OSError)
     assert re.search(r"model\.image_tower_weights=.*model\.text_tower_weights=.*HF_HUB_OFFLINE=0", str(err.value))
+
+
+@pytest.mark.parametrize(("user_value", "offline"), [(None, True), ("0", False), ("1", True)])
+def test_zerovl_train_is_offline_unless_the_user_allows_the_hub(user_value, offline):
+    """``zerovl-train`` defaults HF_HUB_OFFLINE to 1 before huggingface_hub reads it, and keeps a user's 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if user_value is not None:
+        env["HF_HUB_OFFLINE"] = user_value
+    code = "import zerovl_lightning.train, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(offline)

@@ -229,7 +229,8 @@ def build_dual_encoder(
         if image_tower_weights is not None:  # the local file replaces timm's hub weights: no download
             cfg.setdefault("vision_cfg", {})["timm_model_pretrained"] = False
         if text_tower_weights is not None:
-            cfg.setdefault("text_cfg", {}).update(hf_model_name=text_tower_weights, hf_tokenizer_name=text_tower_weights)
+            text = cfg.setdefault("text_cfg", {})
+            text.update(hf_model_name=text_tower_weights, hf_tokenizer_name=text_tower_weights)
         register_model_config(model_name, cfg)
     elif model_name not in open_clip.list_models():
         raise ValueError(f"Unknown open_clip model {model_name!r}; give model_cfg or one of open_clip.list_models()")

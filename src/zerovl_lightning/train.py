@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-from typing import Any
+
+# Offline unless the user said otherwise (HF_HUB_OFFLINE=0 allows the hub). Before any import: huggingface_hub reads
+# it once, at its import (lightning imports it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
 
 import hydra
 import lightning as L
@@ -18,8 +24,6 @@ from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:

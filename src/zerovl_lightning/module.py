@@ -133,9 +133,12 @@ class ZeroVLModule(L.LightningModule):
         result: dict[str, torch.Tensor] = {}
         ddp = self.trainer.strategy.model if self._trainer is not None else None
         no_sync = ddp.no_sync if isinstance(ddp, DistributedDataParallel) else None
+        # with gradient_as_bucket_view the gradients *are* DDP's buckets; zeroing in place keeps them so (the
+        # K − 1 no_sync backwards then accumulate straight into the buckets: no second copy)
+        keep_views = isinstance(ddp, DistributedDataParallel) and bool(getattr(ddp, "gradient_as_bucket_view", False))
 
         def closure() -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not keep_views)
             res = self.dga_step(
                 self.model,
                 lambda sub: encode_pair(self.model, sub["image"], sub["text"], plan),

@@ -29,14 +29,32 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+class SeedPerRank(L.Callback):
+    """Reseed every process with ``seed + global_rank`` once the model is built and DDP has broadcast it.
+
+    ``seed_everything(seed)`` on every rank gives identical dropout / drop-path / patch-dropout masks and
+    augmentation draws on every rank for the same local index (correlated noise). The model is built under the
+    common seed (identical init, DDP broadcasts rank 0's anyway); training randomness is per rank, as OpenCLIP's
+    ``seed + rank``. What must agree across ranks never reads the global RNG: the mixup plan is drawn from
+    (seed, step), the data plan from (seed, epoch). On resume, ``RNGStateCheckpoint`` puts each rank's saved
+    states back before the first step, after this.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiate module, data module (with the model's tokenizer and preprocessing) and trainer."""
     module = instantiate(cfg.module)
     datamodule = instantiate(
         cfg.data, tokenizer=module.model.tokenizer, preprocess_cfg=module.model.preprocess_cfg
     )
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                          logger=instantiate_group(cfg.get("logger")) or False)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), SeedPerRank(cfg.seed)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     return module, datamodule, trainer
 
 

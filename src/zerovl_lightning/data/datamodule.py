@@ -152,7 +152,7 @@ class ZeroVLStream(IterableDataset):
                     resampled=sampler.resampled,
                     shuffle_buffer=self.shuffle_buffer,
                 )
-                s.skip(start_pos.get(names[k], 0))
+                s.seek(start_pos.get(names[k], 0))
                 streams[k] = s
             return streams[k]
 

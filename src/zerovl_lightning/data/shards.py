@@ -142,19 +142,20 @@ def read_stats(urls: Sequence[str], spec: Any = None) -> dict[str, Any] | None:
     return None
 
 
-def tar_sample_offsets(path: str) -> list[int]:
+def tar_sample_offsets(path: str) -> tuple[list[int], bool]:
     """Header offset of the first member of every sample a streaming read of ``path`` yields (tar headers
-    only: the data is seeked over, not read).
+    only: the data is seeked over, not read), and whether the read ends cleanly.
 
     Mirrors webdataset's grouping (consecutive members with the same key, ``__meta__`` files skipped) and
     stops where a streaming read would: at the first member whose data the file does not fully contain. A
-    stream opened at offset ``i`` of this list starts exactly at sample ``i``.
+    stream opened at offset ``i`` of this list starts exactly at sample ``i``. A read that does not end
+    cleanly (truncated) yields its last sample only when the next shard's first member arrives.
     """
     path = _local_path(path)
     size = os.path.getsize(path)
     offsets: list[int] = []
     if size == 0:
-        return offsets
+        return offsets, False
     current = None
     try:
         with tarfile.open(path, mode="r:") as tf:
@@ -162,11 +163,11 @@ def tar_sample_offsets(path: str) -> list[int]:
                 try:
                     member = tf.next()
                 except (tarfile.TarError, EOFError, OSError):
-                    break
+                    return offsets, False
                 if member is None:
-                    break
+                    return offsets, True
                 if member.offset_data + member.size > size:
-                    break
+                    return offsets, False
                 if not member.isreg():
                     continue
                 name = member.name
@@ -179,13 +180,12 @@ def tar_sample_offsets(path: str) -> list[int]:
                     offsets.append(member.offset)
                     current = prefix
     except (tarfile.TarError, EOFError, OSError):
-        pass
-    return offsets
+        return offsets, False
 
 
 def scan_tar(path: str) -> int:
     """Count the samples a streaming read of ``path`` yields, reading tar headers only."""
-    return len(tar_sample_offsets(path))
+    return len(tar_sample_offsets(path)[0])
 
 
 def _shard_sizes_from_stats(stats: Mapping[str, Any] | None, urls: Sequence[str]) -> list[int] | None:
@@ -437,14 +437,19 @@ def _pick(buf: list[Any], rng: random.Random) -> Any:  # webdataset.filters.pick
 
 def shuffle_state(
     outputs: int, bufsize: int, seed: int, total: int | None
-) -> tuple[list[int], random.Random, int]:
-    """(buffered input indices in buffer order, rng, inputs read) of :func:`buffer_shuffle` after ``outputs``
-    outputs from ``total`` inputs (None: endless). O(outputs) integer work, no I/O."""
-    rng, buf = random.Random(seed), []
-    src: Iterator[int] = iter(range(total)) if total is not None else itertools.count()
-    for _ in islice(buffer_shuffle(src, bufsize, rng, buf), outputs):
+) -> tuple[list[int], random.Random, int, bool]:
+    """State of :func:`buffer_shuffle` after ``outputs`` outputs from ``total`` inputs (None: endless): the
+    buffered input indices in buffer order, the rng, the inputs read, and whether the input has been asked
+    past its end (the real stream has then opened every remaining shard). O(outputs) integers, no I/O."""
+    rng, buf, ended = random.Random(seed), [], []
+
+    def src() -> Iterator[int]:
+        yield from (range(total) if total is not None else itertools.count())
+        ended.append(True)
+
+    for _ in islice(buffer_shuffle(src(), bufsize, rng, buf), outputs):
         pass
-    return buf, rng, len(buf) + outputs
+    return buf, rng, len(buf) + outputs, bool(ended)
 
 
 class SlotStream:
@@ -489,7 +494,7 @@ class SlotStream:
         self._yielded_in_pass = 0
         self._skipping = False
         self._sizes = dict(zip(info.urls, info.shard_sizes or [0] * len(info.urls)))
-        self._offsets: dict[str, list[int]] = {}
+        self._offsets: dict[str, tuple[list[int], bool]] = {}
         owner = {u: i % num_slots for i, u in enumerate(info.urls)}
         # With a sample-level split every slot reads every shard: only the shard's owner counts its errors.
         shared = split == "sample" and not resampled
@@ -563,7 +568,13 @@ class SlotStream:
     def _sample_offsets(self, url: str) -> list[int]:
         if url not in self._offsets:
             self._offsets[url] = tar_sample_offsets(url)
-        return self._offsets[url]
+        return self._offsets[url][0]
+
+    def _ends_cleanly(self, url: str) -> bool:
+        if is_remote(url):
+            return True
+        self._sample_offsets(url)
+        return self._offsets[url][1]
 
     def _pipeline(self, pass_index: int) -> Iterator[dict[str, Any]]:
         self.counter.new_pass()
@@ -629,9 +640,9 @@ class SlotStream:
         self.counter.new_pass()
         _, buf_seed = self._seeds(self.passes)
         if self.shuffle_buffer > 1:
-            buf_idx, rng, consumed = shuffle_state(outputs, self.shuffle_buffer, buf_seed, total)
+            buf_idx, rng, consumed, ended = shuffle_state(outputs, self.shuffle_buffer, buf_seed, total)
         else:
-            buf_idx, rng, consumed = [], random.Random(buf_seed), outputs
+            buf_idx, rng, consumed, ended = [], random.Random(buf_seed), outputs, False
         # input index → (url, sample in shard) over the pass's shard order, up to the next unread input
         order, urls, starts, end = self._shard_order(self.passes), [], [], 0
         while end < consumed:
@@ -648,9 +659,16 @@ class SlotStream:
             self._update_mute()
 
         def rest() -> Iterator[tuple[str, int]]:
+            if ended:  # the pass's input was read to its end (trailing empty shards included)
+                return
             if end > consumed:  # the last shard listed is read from its first unread sample
                 yield urls[-1], consumed - starts[-1]
-            yield from ((u, 0) for u in order)  # the pass's remaining shards (an endless draw when resampled)
+            remaining: Iterator[str] = order  # the pass's other shards (an endless draw when resampled)
+            if end == consumed and not self._ends_cleanly(urls[-1]):
+                # its last sample came out only when a later shard gave a member: the empty shards between
+                # were opened (and counted) before the checkpoint
+                remaining = itertools.dropwhile(lambda u: self._sizes[u] == 0, order)
+            yield from ((u, 0) for u in remaining)
 
         it = self._read(rest())
         if self.shuffle_buffer > 1:

@@ -7,8 +7,9 @@ sampling state at 10 % or 90 % of the epoch (the state a checkpoint holds there:
 and takes the first batch from ``train_dataloader()`` — the batch the first resumed training step gets. Both
 sides are measured interleaved (early, late, early, late, …) with the seek (``SlotStream.seek``) and, for
 comparison, with the old replay of every consumed sample (``SlotStream.skip``). Reported: median wall seconds, the
-wall seconds of the resume itself (``load_state_dict`` → first batch) and median CPU seconds (the process and its dataloader workers, ``RUSAGE_CHILDREN``) — CPU time is the figure
-to trust on a shared machine. Goal: late / early ≤ 1.5 with the seek.
+wall seconds of the resume itself (``load_state_dict`` → first batch) and median CPU seconds (the process and
+its dataloader workers, ``RUSAGE_CHILDREN``) — CPU time is the figure to trust on a shared machine.
+Goal: late / early ≤ 1.5 with the seek.
 
 Usage: ``python bench/bench_resume.py [--repeats 3]``; writes ``bench/results/resume.json``.
 """
@@ -42,12 +43,12 @@ root, fraction, how = sys.argv[2], float(sys.argv[3]), sys.argv[4]
 if how == "replay":
     SlotStream.seek = SlotStream.skip
 tiny = build_tiny()
-dm = ZeroVLDataModule(sources={"synth": root}, batch_size=%(batch)d, num_workers=%(workers)d, resampled=True,
+dm = ZeroVLDataModule(sources={"synth": root}, batch_size=BATCH, num_workers=WORKERS, resampled=True,
                       shuffle_buffer=1000, seed=0, tokenizer=tiny.tokenizer, preprocess_cfg=tiny.preprocess_cfg)
 dm.setup("fit")
 steps = dm.steps_per_epoch
 step = int(fraction * steps)
-W, B = %(workers)d, %(batch)d
+W, B = WORKERS, BATCH
 positions = {lane: {"synth": len(range(lane, step, W)) * B} for lane in range(W)}
 state = {"version": 1, "fingerprint": dm._fingerprint(), "epoch": 0, "step": step,
          "ranks": [{"epoch": 0, "step": step, "positions": positions, "bad_counts": {}}]}
@@ -56,7 +57,7 @@ dm.load_state_dict(state)
 batch = next(iter(dm.train_dataloader()))
 assert batch["image"].shape[0] == B
 print(f"{time.time() - t0:.4f} {step} {steps} {time.time() - t1:.4f}")
-""" % {"batch": BATCH, "workers": WORKERS}
+""".replace("BATCH", str(BATCH)).replace("WORKERS", str(WORKERS))
 
 
 def write_corpus(root: Path) -> None:
@@ -108,7 +109,8 @@ def main() -> None:
             for how in ("seek", "replay"):
                 for fraction in (0.1, 0.9):
                     runs.setdefault(f"{how}@{fraction}", []).append(measure(root, fraction, how))
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "cpu_s", "resume_wall_s")} for k, v in runs.items()}
+    metrics = ("wall_s", "cpu_s", "resume_wall_s")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in metrics} for k, v in runs.items()}
     result = {
         "what": "process start → first batch of the resumed epoch, resampled source of 200 shards × 100 samples",
         "how": f"fresh process per run, interleaved, median of {args.repeats}; cpu = process + workers "
@@ -131,7 +133,7 @@ def main() -> None:
         "replay_late_over_early": med["replay@0.9"]["cpu_s"] / med["replay@0.1"]["cpu_s"],
         "runs": runs,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-        "command": "python bench/bench_resume.py --repeats %d" % args.repeats,
+        "command": f"python bench/bench_resume.py --repeats {args.repeats}",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "resume.json").write_text(json.dumps(result, indent=2) + "\n")

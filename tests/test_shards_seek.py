@@ -5,7 +5,6 @@ pass wraps, resampled streams and bad shards — while opening only the shards t
 from __future__ import annotations
 
 import random
-from itertools import islice
 from pathlib import Path
 from typing import Any
 

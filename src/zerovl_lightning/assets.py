@@ -81,3 +81,4 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+from . import world  # noqa: E402, F401  (registers ${zerovl.tasks_per_node:} and ${zerovl.run_stamp:})

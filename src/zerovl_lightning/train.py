@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...} resolvers)
 from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
-from zerovl_lightning.world import check_sub_batch, per_rank_batch
+from zerovl_lightning.world import check_sub_batch, normalize_slurm_env, per_rank_batch
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +61,7 @@ def check_batches(cfg: DictConfig, world_size: int) -> None:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit; return the final logged metrics (floats)."""
     validate_config(cfg)
+    normalize_slurm_env()  # before Lightning reads SLURM_NTASKS_PER_NODE
     ckpt_path = prepare_resume(cfg)  # newest loadable checkpoint; may set the wandb run id to resume
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)

@@ -63,6 +63,14 @@ def tasks_per_node(value: str | None = None) -> int | str:
     return int(local) if local else "auto"
 
 
+def normalize_slurm_env() -> None:
+    """``SLURM_NTASKS_PER_NODE=8(x2)`` (what SLURM exports for several equal nodes) → ``8``: Lightning's
+    SLURMEnvironment reads it with ``int()`` and would fail; unequal nodes get :func:`tasks_per_node`'s error."""
+    raw = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if raw and not raw.isdigit():
+        os.environ["SLURM_NTASKS_PER_NODE"] = str(tasks_per_node(raw))
+
+
 def run_stamp() -> str:
     """The run folder's name, the same in every task of a job: ``slurm_<job id>`` in an ``srun`` step (a
     requeued job gets the same folder, so ``ckpt_path=last`` resumes it), the torchrun run id when one is set,

@@ -546,6 +546,20 @@ class ZeroVLDataModule(LightningDataModule):
             "seed": self.seed,
         }
         check_same_plan(plan_inputs(self.infos, settings), self._all_gather)  # one collective under DDP
+        slots = R * W
+        shared = [i for i, s in zip(self.infos, self.splits) if s == "sample" and slots > 1]
+        if shared and self.rank == 0:
+            log.warning(
+                "split=sample: every one of the %d rank × worker slots reads all shards of %s and keeps every "
+                "%d-th sample, so each epoch reads %s %d times (reading, not decoding). Write such a source "
+                "in ≥ %d shards (zerovl-data … --samples-per-shard) to read it once per epoch.",
+                slots,
+                ", ".join(f"{i.name!r} ({len(i.urls)} shards)" for i in shared),
+                slots,
+                "it" if len(shared) == 1 else "each",
+                slots,
+                slots,
+            )
         if self.rank == 0:
             log.info(
                 "%s; splits: %s",

@@ -489,7 +489,8 @@ class SlotStream:
         self.split, self.resampled, self.shuffle_buffer = split, resampled, shuffle_buffer
         self.position = 0  # raw samples handed out (bad ones included), across passes
         self.passes = 0
-        self.opened_shards = 0  # shard opens, for benchmarks and tests of the seek
+        self.opened_shards = 0  # shard opens and their file sizes (local), for benchmarks and tests
+        self.opened_bytes = 0
         self._it: Iterator[dict[str, Any]] | None = None
         self._yielded_in_pass = 0
         self._skipping = False
@@ -550,6 +551,8 @@ class SlotStream:
             for src in wds.tariterators.url_opener(({"url": u, "first": j} for u, j in shards), handler=handler):
                 self.opened_shards += 1
                 url, first = src["url"], src.pop("first")
+                if not is_remote(url):
+                    self.opened_bytes += os.path.getsize(_local_path(url))
                 drop[url] = 0
                 if first and is_remote(url):
                     drop[url] = first

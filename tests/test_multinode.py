@@ -79,6 +79,8 @@ def test_two_simulated_slurm_nodes_train_and_resume_as_one_run(tmp_path: Path) -
     rec2 = _records(second)
     chosen = {r["ckpt_path"] for r in rec2}
     assert len(chosen) == 1 and next(iter(chosen)).startswith(str(run_dir / "checkpoints"))  # one resume choice
-    assert all(len(r["sources"]) == 1 for r in rec2)  # resumed at step 3, trained step 4 only
+    resumed_at = torch.load(next(iter(chosen)), map_location="cpu", weights_only=False)["global_step"]
+    assert resumed_at == 2  # the newest checkpoint (every 2 steps; the final step-3 save is model_checkpoint's)
+    assert all(len(r["sources"]) == 4 - resumed_at for r in rec2)  # only the steps after it ran
     params2 = [torch.load(second / f"params{r}.pt") for r in range(4)]
     assert all(torch.equal(params2[0], p) for p in params2[1:])

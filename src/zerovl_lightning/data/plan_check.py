@@ -57,7 +57,8 @@ def check_same_plan(inputs: dict[str, Any], all_gather: Callable[[Any], list[Any
         {name for d in digests[1:] for name, h in d["sources"].items() if digests[0]["sources"].get(name) != h}
         | {name for d in digests[1:] for name in digests[0]["sources"] if name not in d["sources"]}
     )
-    lists = all_gather({name: inputs["sources"].get(name) for name in differing} | {"_rest": inputs})
+    rest = {k: v for k, v in inputs.items() if k != "sources"}
+    lists = all_gather({name: inputs["sources"].get(name) for name in differing} | {"_rest": rest})
     problems: list[str] = []
     ref = lists[0]
     for rank, other in enumerate(lists[1:], start=1):
@@ -76,8 +77,7 @@ def check_same_plan(inputs: dict[str, Any], all_gather: Callable[[Any], list[Any
             if counts:
                 parts.append("different sample counts in " + ", ".join(f"{s} ({a[s]} vs {b[s]})" for s in counts[:5]))
             problems.append(f"rank {rank} sees source {name!r} differently from rank 0: " + "; ".join(parts))
-        rest_a = {k: v for k, v in ref["_rest"].items() if k != "sources"}
-        rest_b = {k: v for k, v in other["_rest"].items() if k != "sources"}
+        rest_a, rest_b = ref["_rest"], other["_rest"]
         if rest_a != rest_b:
             keys = sorted(k for k in set(rest_a) | set(rest_b) if rest_a.get(k) != rest_b.get(k))
             problems.append(f"rank {rank} differs from rank 0 in {', '.join(keys)}: {rest_b} vs {rest_a}")

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from zerovl_lightning.assets import to_plain
+from zerovl_lightning.assets import to_plain, to_portable
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
 from zerovl_lightning.loss import ContrastiveLoss
@@ -66,7 +66,7 @@ class ZeroVLModule(L.LightningModule):
             self.save_hyperparameters(ignore=["model"])
             self.model = model
         else:
-            model = to_plain(model)
+            model = to_portable(model)  # asset paths stay ${zerovl.asset:…}: the checkpoint loads on any machine
             self.save_hyperparameters({"model": model})
             self.model = instantiate(model)
         self.optimizer_cfg = dict(to_plain(optimizer) or DEFAULT_OPTIMIZER)

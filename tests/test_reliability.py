@@ -156,3 +156,18 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
     (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- 6: NaN
+def test_diverged_run_fails_and_saves_no_non_finite_model(sources, tmp_path):
+    """Finding 6: lr=1e6 makes every step non-finite; the run stops with NonFiniteError (non-zero exit) and
+    no checkpoint on disk holds non-finite weights."""
+    from zerovl_lightning.guards import NonFiniteError
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="in a row|non-finite weights"):
+        _train(out, sources, "module.optimizer.lr=1e6", "callbacks.non_finite_guard.max_consecutive_skips=3",
+               steps=24)
+    for path in (out / "checkpoints").glob("*.ckpt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path

@@ -533,8 +533,8 @@ def prepare_resume(cfg: DictConfig) -> str | None:
     """Resolve ``cfg.ckpt_path`` to a loadable checkpoint; loggers continue their history from its step.
 
     Call before instantiating loggers. CSV and TensorBoard loggers get the checkpoint's step
-    (:func:`zerovl_lightning.logger_resume.configure_logger_resume`). Sets ``cfg.logger.<wandb>.id`` (unless already set) and
-    ``resume="allow"`` when the checkpoint recorded a ``WandbLogger`` run id.
+    (:func:`zerovl_lightning.logger_resume.configure_logger_resume`). Sets ``cfg.logger.<wandb>.id`` (unless
+    already set) and ``resume="allow"`` when the checkpoint recorded a ``WandbLogger`` run id.
     Returns the checkpoint path for ``trainer.fit``.
     """
     from zerovl_lightning.logger_resume import configure_logger_resume

@@ -171,3 +171,23 @@ def test_diverged_run_fails_and_saves_no_non_finite_model(sources, tmp_path):
     for path in (out / "checkpoints").glob("*.ckpt"):
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+# ------------------------------------------------------------------------------------------- 5: changed data
+@pytest.mark.parametrize(
+    ("override", "key"), [("data.batch_size=4", "data.batch_size: 8 in the checkpoint, 4 now"),
+                          ("data.num_workers=2", "data.num_workers: 1 in the checkpoint, 2 now")]
+)
+def test_resume_with_changed_batch_or_workers_is_refused(finished_run, sources, tmp_path, override, key):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    with pytest.raises(ConfigError, match=key + r".*data\.allow_inexact_resume=true"):
+        _train(out, sources, f"ckpt_path={out}/checkpoints/step_000004.ckpt", override)
+
+
+def test_allow_inexact_resume_returns_what_changed():
+    from zerovl_lightning.config_checks import check_data_resume
+
+    saved, now = {"batch_size": 8, "lanes": 1, "seed": 1}, {"batch_size": 4, "lanes": 1, "seed": 2}
+    assert check_data_resume(saved, now, allow_inexact=True) == ["batch_size", "seed"]
+    assert check_data_resume(saved, {**saved, "seed": 3}, allow_inexact=False) == ["seed"]  # only warned

@@ -239,6 +239,30 @@ def _check_ckpt_path(cfg: DictConfig) -> None:
         )
 
 
+# Data-plan fingerprint fields (ZeroVLDataModule._fingerprint) whose change makes a resume train on other data
+# or another schedule, and the config key a user changed for each.
+_RESUME_KEYS = {"batch_size": "data.batch_size", "lanes": "data.num_workers"}
+
+
+def check_data_resume(saved: Mapping[str, Any], current: Mapping[str, Any], allow_inexact: bool) -> list[str]:
+    """Refuse to resume when ``data.batch_size`` / ``data.num_workers`` differ from the checkpoint's.
+
+    Returns the changed fingerprint fields (all of them, for the caller's log line). Raises
+    :class:`ConfigError` naming the changed keys unless ``allow_inexact`` (``data.allow_inexact_resume``).
+    """
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    refused = [k for k in changed if k in _RESUME_KEYS]
+    if refused and not allow_inexact:
+        what = ", ".join(
+            f"{_RESUME_KEYS[k]}: {saved.get(k)} in the checkpoint, {current.get(k)} now" for k in refused
+        )
+        raise ConfigError(
+            f"cannot resume exactly ({what}): the data stream and LR schedule would change. Resume with the "
+            "checkpoint's values, or set data.allow_inexact_resume=true to continue anyway"
+        )
+    return changed
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Run every check; raise :class:`ConfigError` on the first failure."""
     _check_batches(cfg)

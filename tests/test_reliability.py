@@ -191,3 +191,20 @@ def test_allow_inexact_resume_returns_what_changed():
     saved, now = {"batch_size": 8, "lanes": 1, "seed": 1}, {"batch_size": 4, "lanes": 1, "seed": 2}
     assert check_data_resume(saved, now, allow_inexact=True) == ["batch_size", "seed"]
     assert check_data_resume(saved, {**saved, "seed": 3}, allow_inexact=False) == ["seed"]  # only warned
+
+
+# ------------------------------------------------------------------------------------------- 9: bad samples
+def test_bad_sample_summary_reaches_the_log(sources, tmp_path, caplog):
+    """Finding 9: the per-source summary of skipped samples is printed at epoch end and at the end."""
+    from shard_fixtures import BAD_EXPECTED, write_bad_source
+
+    write_bad_source(tmp_path / "bad")
+    caplog.set_level(logging.INFO, logger="zerovl_lightning.data.bad_sample_report")
+    srcs = {"a": sources["a"], "bad": str(tmp_path / "bad")}
+    _train(tmp_path / "run", srcs, "trainer.max_epochs=1", "trainer.max_steps=-1", "data.batch_size=4",
+           "data.weights=uniform")
+    lines = [r.getMessage() for r in caplog.records if "bad samples skipped" in r.getMessage()]
+    assert any("(epoch 0, all ranks)" in line for line in lines)
+    assert any("end of training" in line for line in lines)
+    want = ", ".join(f"{k}={n}" for k, n in sorted(BAD_EXPECTED.items()))
+    assert f"bad: {want}" in lines[-1] and "a: none" in lines[-1], lines[-1]

@@ -208,3 +208,58 @@ def test_bad_sample_summary_reaches_the_log(sources, tmp_path, caplog):
     assert any("end of training" in line for line in lines)
     want = ", ".join(f"{k}={n}" for k, n in sorted(BAD_EXPECTED.items()))
     assert f"bad: {want}" in lines[-1] and "a: none" in lines[-1], lines[-1]
+
+
+# ------------------------------------------------------------------------------------------- 3: stats.json
+def _edit_stats(d: Path, fn) -> None:
+    import json
+
+    p = d / "stats.json"
+    p.write_text(json.dumps(fn(json.loads(p.read_text()))))
+
+
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_stats_counts_that_contradict_the_shards_are_an_error(tmp_path, factor):
+    from zerovl_lightning.data.shards import SourceInfo
+    from zerovl_lightning.errors import DataError
+
+    write_source(tmp_path, "s", 20, 10)
+
+    def scale(st):
+        st["num_samples"] = int(st["num_samples"] * factor)
+        for x in st["shards"]:
+            x["num_samples"] = int(x["num_samples"] * factor)
+        return st
+
+    _edit_stats(tmp_path, scale)
+    with pytest.raises(DataError, match=r"stats\.json: shard-000000\.tar holds 10 samples, the stats say "
+                       r".*zerovl-data img2dataset"):
+        SourceInfo.build("s", str(tmp_path))
+
+
+def test_stats_listing_a_missing_shard_or_malformed_is_an_error(tmp_path):
+    from zerovl_lightning.data.shards import SourceInfo
+    from zerovl_lightning.errors import DataError
+
+    write_source(tmp_path, "s", 20, 10)
+    (tmp_path / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"lists shard\(s\) missing on disk: shard-000001\.tar"):
+        SourceInfo.build("s", str(tmp_path))
+    (tmp_path / "stats.json").write_text("{not json")
+    with pytest.raises(DataError, match=rf"{tmp_path}/stats\.json: not valid JSON"):
+        SourceInfo.build("s", str(tmp_path))
+
+
+def test_stats_sum_and_unlisted_shards_are_checked(tmp_path):
+    from zerovl_lightning.data.shards import SourceInfo
+    from zerovl_lightning.errors import DataError
+
+    write_source(tmp_path, "s", 30, 10)
+    info = SourceInfo.build("s", str(tmp_path / "shard-00000{0,1}.tar"))
+    assert info.num_samples == 20  # the selected shards' counts, not the folder's total (30)
+    _edit_stats(tmp_path, lambda st: {**st, "num_samples": 60})
+    with pytest.raises(DataError, match="num_samples=60 but its shards add up to 30"):
+        SourceInfo.build("s", str(tmp_path))
+    _edit_stats(tmp_path, lambda st: {**st, "num_samples": 20, "shards": st["shards"][:2]})
+    with pytest.raises(DataError, match=r"does not list shard\(s\) shard-000002\.tar"):
+        SourceInfo.build("s", str(tmp_path))

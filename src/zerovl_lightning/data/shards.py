@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import glob as globlib
 import io
-import json
 import logging
 import os
 import random
@@ -133,10 +132,13 @@ def read_stats(urls: Sequence[str], spec: Any = None) -> dict[str, Any] | None:
         candidates.append(os.path.join(os.path.expanduser(os.fspath(spec)), "stats.json"))
     if urls and not is_remote(urls[0]):
         candidates.append(os.path.join(os.path.dirname(_local_path(urls[0])), "stats.json"))
+    from .writers import load_stats_file, verify_stats
+
     for c in candidates:
         if os.path.isfile(c):
-            with open(c, encoding="utf-8") as f:
-                return json.load(f)
+            stats = load_stats_file(c)
+            verify_stats(stats, c, urls, scan=scan_tar)  # a contradiction with the shards is an error
+            return stats
     return None
 
 
@@ -229,10 +231,10 @@ class SourceInfo:
                 )
             sizes = [scan_tar(u) for u in urls]
         if num_samples is None:
-            if stats and "num_samples" in stats:
-                num_samples = int(stats["num_samples"])
-            elif sizes is not None:
+            if sizes is not None:  # the selected shards' counts (a glob may select part of a folder)
                 num_samples = int(sum(sizes))
+            elif stats and "num_samples" in stats:
+                num_samples = int(stats["num_samples"])
             else:
                 raise ValueError(
                     f"source {name!r}: number of samples unknown — give num_samples or a stats.json next to "

@@ -263,3 +263,52 @@ def test_stats_sum_and_unlisted_shards_are_checked(tmp_path):
     _edit_stats(tmp_path, lambda st: {**st, "num_samples": 20, "shards": st["shards"][:2]})
     with pytest.raises(DataError, match=r"does not list shard\(s\) shard-000002\.tar"):
         SourceInfo.build("s", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- 4: pixels, text
+def _decode(data: bytes, ext: str = "png") -> np.ndarray:
+    from zerovl_lightning.data.shards import BadSampleCounter, decode_sample
+
+    counter = BadSampleCounter()
+    out = decode_sample({ext: data, "txt": b"a caption", "__key__": "k"}, counter)
+    assert out is not None, counter.counts
+    return np.asarray(out[0])
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    img = _decode(_png(np.full((8, 8), 200, np.uint16)))  # 200/65535: almost black
+    assert img.shape == (8, 8, 3) and int(img.max()) == 1  # round(200 * 255 / 65535)
+    img = _decode(_png(np.full((8, 8), 65535, np.uint16)))
+    assert int(img.min()) == 255
+
+
+def test_transparent_pixels_are_white_in_training_and_in_evaluation():
+    from zerovl_lightning.eval.datasets import to_rgb as eval_to_rgb
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4, :, :] = (255, 0, 0, 255)  # top half opaque red, bottom half transparent black
+    train = _decode(_png(rgba))
+    assert (train[4:] == 255).all() and (train[:4] == (255, 0, 0)).all()
+    assert np.array_equal(train, np.asarray(eval_to_rgb(Image.open(io.BytesIO(_png(rgba))))))
+
+
+def test_float_tiff_and_non_utf8_captions_through_the_folder_writer(tmp_path):
+    """A float TIFF (values in [0, 1]) is written as its grey, not black; a non-UTF-8 caption sidecar is
+    skipped and counted as bad_text_encoding (as the loader counts it), never written with U+FFFD."""
+    import webdataset as wds
+
+    from zerovl_lightning.data.writers import write_folder_shards
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(np.full((16, 16), 0.5, np.float32)).save(src / "grey.tif")
+    (src / "grey.txt").write_text("a grey square\n")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "black.png")
+    (src / "black.txt").write_bytes(b"caf\xe9 latin-1\n")
+    report = write_folder_shards(src, tmp_path / "out", progress=False)
+    assert report.stats["num_samples"] == 1
+    assert report.stats["skipped"]["bad_text_encoding"] == 1
+    (sample,) = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
+    assert sample["txt"] == b"a grey square"
+    pixels = _decode(sample["jpg"], "jpg")
+    assert abs(int(pixels.mean()) - 128) <= 2

@@ -53,6 +53,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from .image_decoding import to_rgb
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -353,7 +355,7 @@ def decode_sample(
                 return None
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
-            img = img.convert("RGB")
+            img = to_rgb(img)  # alpha on white, 16-bit / float scaled: as evaluation decodes
     except Image.DecompressionBombError:
         counter.add("image_too_large")
         return None

@@ -42,6 +42,8 @@ from typing import Any, NamedTuple
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .image_decoding import to_rgb
+
 log = logging.getLogger(__name__)
 
 WRITER_VERSION = 1
@@ -102,13 +104,7 @@ def encode_image(im: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def flatten_on_white(im: Image.Image) -> Image.Image:
-    """RGB image with any transparency composited on white (transparent pixels are often black underneath)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
+flatten_on_white = to_rgb  # the old name (demo.py): transparency on white, 16-bit and float images scaled
 
 
 def load_image_file(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, str]:
@@ -340,6 +336,11 @@ def _read_progress(progress_dir: Path, i: int, fingerprint: str, out: Path) -> d
     return rec
 
 
+def _has_bad_bytes(text: str | None) -> bool:
+    """True when ``text`` was decoded with ``surrogateescape`` from bytes that are not UTF-8."""
+    return bool(text) and any("\udc80" <= c <= "\udcff" for c in text)
+
+
 def _write_chunk(
     out: Path,
     i: int,
@@ -352,8 +353,12 @@ def _write_chunk(
 ) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     bad_examples: list[str] = []
-    valid = [t for t in chunk if t.caption and t.caption.strip()]
-    skipped["empty_caption"] = len(chunk) - len(valid)
+    # Captions are read with errors="surrogateescape": a non-UTF-8 byte becomes a lone surrogate here, and
+    # the sample is skipped and counted as the loader would count it (never written with U+FFFD).
+    encoded = [t for t in chunk if not _has_bad_bytes(t.caption)]
+    skipped["bad_text_encoding"] = len(chunk) - len(encoded)
+    valid = [t for t in encoded if t.caption and t.caption.strip()]
+    skipped["empty_caption"] = len(encoded) - len(valid)
     # Several captions per image: load each image of the shard once.
     unique = list(dict.fromkeys(t.image for t in valid))
     fn = functools.partial(_safe_load, load)
@@ -406,7 +411,9 @@ def _write_chunk(
 def _aggregate(
     records: Sequence[Mapping[str, Any]], source: str, fingerprint: str, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    skipped: Counter[str] = Counter({"empty_caption": 0, "missing_image": 0, "unreadable_image": 0})
+    skipped: Counter[str] = Counter(
+        {"empty_caption": 0, "bad_text_encoding": 0, "missing_image": 0, "unreadable_image": 0}
+    )
     images: set[Any] = set()
     bad_examples: list[str] = []
     for r in records:
@@ -573,7 +580,7 @@ def write_csv_shards(
     image_dir = base / split
     if not csv_path.is_file():
         raise FileNotFoundError(f"ZeroVL annotation file not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         missing = {"image", "image_id", "caption", "caption_id"} - set(reader.fieldnames or [])
         if missing:
@@ -621,7 +628,7 @@ CAPTION_FILES = ("captions.csv", "captions.tsv", "metadata.csv", "metadata.tsv")
 
 def _read_caption_table(path: Path) -> list[tuple[str, str]]:
     """(relative image path, caption) rows of a CSV/TSV with a header naming an image and a caption column."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         sample = f.read(4096)
         f.seek(0)
         delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in sample and "," not in sample) else ","
@@ -671,7 +678,7 @@ def write_folder_shards(
     for im in images:
         txt = (root / im).with_suffix(".txt")
         if txt.is_file():
-            text = txt.read_bytes().decode("utf-8", errors="replace")
+            text = txt.read_bytes().decode("utf-8", errors="surrogateescape")  # bad bytes: counted later
             captions[im].extend(line.strip() for line in text.splitlines() if line.strip())
     table = (
         Path(captions_file)

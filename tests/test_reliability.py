@@ -312,3 +312,43 @@ def test_float_tiff_and_non_utf8_captions_through_the_folder_writer(tmp_path):
     assert sample["txt"] == b"a grey square"
     pixels = _decode(sample["jpg"], "jpg")
     assert abs(int(pixels.mean()) - 128) <= 2
+
+
+# ------------------------------------------------------------------------------------------- 10: disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not permitted)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(small_disk):
+    from zerovl_lightning.errors import DiskError, known_error_message
+
+    target = small_disk / "last.ckpt"
+    ck.atomic_torch_save({"w": torch.zeros(1000)}, target)
+    before = target.read_bytes()
+    with pytest.raises(DiskError, match=r"last\.ckpt: checkpoint not written, the disk is full .*MiB free.*"
+                       r"the previous checkpoint is kept") as exc:
+        ck.atomic_torch_save({"w": torch.zeros(400_000)}, target)  # 1.6 MB > 1 MiB
+    assert target.read_bytes() == before
+    assert [p.name for p in small_disk.iterdir()] == ["last.ckpt"]  # no temp file left behind
+    assert known_error_message(exc.value).startswith("DiskError: ")
+
+
+def test_low_disk_space_is_warned_before_the_first_checkpoint(small_disk):
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of weights: ~24 MB with a temp file next to the kept one
+    with pytest.warns(UserWarning, match=r"Only .* MiB free for checkpoints in .*small"):
+        assert ck.warn_if_low_disk_space(small_disk / "checkpoints", 2 * ck.checkpoint_size_estimate(model))
+    assert not ck.warn_if_low_disk_space(small_disk, 1000)

@@ -38,6 +38,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, open_dict
 
+from zerovl_lightning.errors import DiskError
+
 log = logging.getLogger(__name__)
 
 CKPT_SUFFIX = ".ckpt"
@@ -77,18 +79,78 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and not ending in .ckpt: neither Lightning's "last" lookup nor ours takes it for a checkpoint.
     tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except (OSError, RuntimeError) as e:
+        disk = _disk_problem(e, target.parent)
+        if disk is None:
+            raise
+        kept = " the previous checkpoint is kept;" if target.exists() else ""
+        raise DiskError(
+            f"{target}: checkpoint not written, {disk};{kept} free space or point callbacks.*.dirpath "
+            "(paths.output_dir) at another disk"
+        ) from e
     _fsync_dir(target.parent)
+
+
+def _disk_problem(exc: BaseException, folder: Path) -> str | None:
+    """Say plainly when a failed write was the disk's fault (torch reports ENOSPC as "file write failed")."""
+    import errno
+    import shutil
+
+    errnos, cur, torch_writer = set(), exc, False
+    for _ in range(8):  # torch's writer raises RuntimeError("[enforce fail at inline_container.cc…") from ENOSPC
+        if cur is None:
+            break
+        errnos.add(getattr(cur, "errno", None))
+        torch_writer |= isinstance(cur, RuntimeError) and any(
+            w in str(cur) for w in ("inline_container", "PytorchStreamWriter", "write failed")
+        )
+        cur = cur.__cause__ or cur.__context__
+    if errno.EROFS in errnos:
+        return f"{folder} is on a read-only file system"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if errnos & {errno.ENOSPC, errno.EDQUOT} or (torch_writer and free is not None and free < 64 * 2**20):
+        return "the disk is full" + (f" ({free / 2**20:.1f} MiB free on {folder})" if free is not None else "")
+    return None
+
+
+def checkpoint_size_estimate(module: torch.nn.Module) -> int:
+    """Bytes of a training checkpoint of ``module``: weights plus two optimizer moments (AdamW)."""
+    return 3 * sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def warn_if_low_disk_space(folder: _PATH, needed: int) -> bool:
+    """Warn (once, before the first save) when ``folder`` has less than ``needed`` bytes free."""
+    import shutil
+
+    d = Path(folder)
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        return False
+    if free >= needed:
+        return False
+    rank_zero_warn(
+        f"Only {free / 2**20:.1f} MiB free for checkpoints in {folder}; a checkpoint needs about "
+        f"{needed / 2**20:.1f} MiB (written next to the previous one): free space or set callbacks.*.dirpath"
+    )
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -336,6 +398,12 @@ class BatchEndCheckpoint(ModelCheckpoint):
         kwargs["save_on_train_epoch_end"] = True
         super().__init__(*args, **kwargs)
         self.save_on_last_step = save_on_last_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero and self.dirpath:
+            # a temp file next to the kept one: twice the size must fit
+            warn_if_low_disk_space(self.dirpath, 2 * checkpoint_size_estimate(pl_module))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -352,3 +352,13 @@ def test_low_disk_space_is_warned_before_the_first_checkpoint(small_disk):
     with pytest.warns(UserWarning, match=r"Only .* MiB free for checkpoints in .*small"):
         assert ck.warn_if_low_disk_space(small_disk / "checkpoints", 2 * ck.checkpoint_size_estimate(model))
     assert not ck.warn_if_low_disk_space(small_disk, 1000)
+
+
+def test_eval_without_a_model_or_with_unknown_tasks_names_the_key():
+    from zerovl_lightning.evaluate import build_evaluators
+    from zerovl_lightning.export import load_dual_encoder
+
+    with pytest.raises(ConfigError, match="give exactly one of ckpt_path, export_dir"):
+        load_dual_encoder()
+    with pytest.raises(ConfigError, match=r"tasks=\['retrival'\]: unknown \['retrival'\]"):
+        build_evaluators(OmegaConf.create({"tasks": ["retrival"]}))

@@ -45,7 +45,9 @@ def build_evaluators(cfg: DictConfig) -> list[EvalCallback]:
     """The evaluation callbacks for the chosen ``tasks`` (used here without a trainer)."""
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        from zerovl_lightning.config_checks import ConfigError
+
+        raise ConfigError(f"tasks={list(cfg.tasks)}: unknown {sorted(unknown)}; choose from {list(TASKS)}")
     common: dict[str, Any] = dict(
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress
     )

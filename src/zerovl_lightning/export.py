@@ -207,8 +207,11 @@ def load_dual_encoder(
     file."""
     given = [x is not None for x in (ckpt_path, export_dir, model_name or model_config)]
     if sum(given) != 1:
-        raise ValueError(
-            "give exactly one of ckpt_path, export_dir, or model_name/model_config (+ pretrained)"
+        from zerovl_lightning.config_checks import ConfigError
+
+        raise ConfigError(
+            "give exactly one of ckpt_path, export_dir, or model_name/model_config (+ pretrained), e.g. "
+            "`zerovl-eval ckpt_path=<run>/checkpoints/last.ckpt`"
         )
     if ckpt_path is not None:
         return load_lightning_checkpoint(ckpt_path).to(device)

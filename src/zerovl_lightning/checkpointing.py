@@ -40,6 +40,8 @@ from omegaconf import DictConfig, open_dict
 
 from zerovl_lightning.errors import DiskError
 
+from .world import is_global_zero, launcher_rank
+
 log = logging.getLogger(__name__)
 
 CKPT_SUFFIX = ".ckpt"
@@ -246,13 +248,11 @@ def list_checkpoints(directory: _PATH) -> list[Path]:
 
 def _global_rank() -> int:
     """This process's global rank as Lightning detects it (RANK, SLURM_PROCID, LOCAL_RANK, ...)."""
-    from lightning.fabric.utilities.rank_zero import _get_rank
-
-    return int(_get_rank() or 0)
+    return launcher_rank()
 
 
 def _is_rank_zero() -> bool:
-    return _global_rank() == 0
+    return is_global_zero()  # Lightning's rank lookup: torchrun, SLURM (srun sets no RANK), LSF
 
 
 def remove_stale_temp_files(directory: _PATH) -> list[Path]:

@@ -219,7 +219,7 @@ def test_checkpoint_holds_every_state_and_loads_weights_only(run):
     callbacks = ckpt["callbacks"]
     rng = callbacks["RNGStateCheckpoint"]["per_rank"][0]
     assert set(rng) >= {"torch", "numpy", "python"}
-    assert callbacks["NonFiniteGuard"] == {"skipped_steps": 0, "amp_overflow_steps": 0}
+    assert callbacks["NonFiniteGuard"] == {"skipped_steps": 0, "amp_overflow_steps": 0, "consecutive_skips": 0}
     assert callbacks["RunIdCheckpoint"] == {"run_ids": {}}  # logger=False
 
 
@@ -240,7 +240,7 @@ def test_corrupt_newest_falls_back_with_warning(run, tmp_path):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated by a crash
     with pytest.warns(
         UserWarning,
-        match=r"Resuming from .*epoch_001_step_000008.ckpt instead of the newer "
+        match=r"Resuming from .*epoch_001_step_000008.ckpt instead of the unusable "
         r".*last.ckpt.*not a complete torch zip archive",
     ):
         assert resolve_ckpt_path("last", d) == str(d / "epoch_001_step_000008.ckpt")
@@ -250,7 +250,7 @@ def test_corrupt_newest_falls_back_with_warning(run, tmp_path):
     data[len(data) // 2] ^= 0xFF
     nxt.write_bytes(bytes(data))
     (d / "step_000008.ckpt").write_bytes(b"")  # a zero-byte file
-    with pytest.warns(UserWarning, match=r"Resuming from .*step_000006.ckpt instead of the newer") as rec:
+    with pytest.warns(UserWarning, match=r"Resuming from .*step_000006.ckpt instead of the unusable") as rec:
         chosen = resolve_ckpt_path("last", d)
     message = str(rec[0].message)
     for why in (
@@ -285,7 +285,7 @@ def test_resolve_variants(run, tmp_path):
     step6 = d / "step_000006.ckpt"
     step6.write_bytes(step6.read_bytes()[:1000])
     # falls back to a checkpoint not past the requested step (here the epoch checkpoint of the same step)
-    with pytest.warns(UserWarning, match=r"Resuming from .*epoch_000_step_000006.ckpt instead of the newer "):
+    with pytest.warns(UserWarning, match=r"Resuming from .*epoch_000_step_000006.ckpt instead of the unusable "):
         assert resolve_ckpt_path(str(step6), None) == str(d / "epoch_000_step_000006.ckpt")
     with pytest.raises(CheckpointError, match="no such file or folder"):
         resolve_ckpt_path(str(d / "gone.ckpt"), None)

@@ -55,7 +55,7 @@ def test_csv_round_trip_preserves_captions_ids_and_images(tmp_path: Path) -> Non
     stats = read_stats(tmp_path / "out")
     assert (stats["num_samples"], stats["num_images"], stats["num_shards"]) == (18, 6, 4)
     assert [s["num_samples"] for s in stats["shards"]] == [5, 5, 5, 3]
-    assert stats["skipped"] == {"empty_caption": 0, "missing_image": 0, "unreadable_image": 0}
+    assert stats["skipped"] == {"empty_caption": 0, "bad_text_encoding": 0, "missing_image": 0, "unreadable_image": 0}
     assert [Path(p).name for p in shard_paths(tmp_path / "out")] == [f"shard-{i:06d}.tar" for i in range(4)]
     # the default shuffle spreads the captions of one image over several shards
     shard_of_image: dict[int, set[str]] = {}
@@ -100,7 +100,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path: Path) -> None:
 
     report = write_csv_shards(tmp_path / "raw", "toy", tmp_path / "out", samples_per_shard=4, progress=False)
     stats = report.stats
-    assert stats["skipped"] == {"empty_caption": 1, "missing_image": 2, "unreadable_image": 4}
+    assert stats["skipped"] == {"empty_caption": 1, "bad_text_encoding": 0, "missing_image": 2, "unreadable_image": 4}
     assert stats["num_samples"] == 3 and stats["num_images"] == 2
     samples = read_shards(tmp_path / "out")
     assert sorted(s["json"]["image_id"] for s in samples.values()) == [100, 100, 104]

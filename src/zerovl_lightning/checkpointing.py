@@ -5,8 +5,9 @@ Lightning already stores model, optimizer, LR schedule, grad scaler, loop progre
 
 - :class:`AtomicCheckpointIO` — write to a temporary file in the same folder, ``fsync``, ``os.replace``,
   ``fsync`` the folder: a kill at any moment leaves either the old file or the new one, never a torn one.
-- :func:`resolve_ckpt_path` — ``ckpt_path=last`` / a folder / a file → the newest checkpoint that actually
-  loads (zip CRCs checked, unpickled with ``weights_only=True``); a corrupt one is skipped with a warning.
+- :func:`resolve_ckpt_path` — ``ckpt_path=last`` / a folder / a file → the checkpoint with the highest
+  training step *stored in it* that actually loads (zip CRCs checked, unpickled with ``weights_only=True``); a
+  corrupt one is skipped with a warning. Chosen on global rank 0 and handed to the ranks it launches.
 - :class:`BatchEndCheckpoint` — Lightning's ``ModelCheckpoint`` that saves only at the end of a training batch
   (periodic steps, last batch of an epoch, last step), the one moment Lightning resumes from exactly.
 - :class:`RNGStateCheckpoint` — torch (CPU, CUDA), numpy and Python RNG states, per rank.
@@ -37,13 +38,17 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, open_dict
 
-from .world import is_global_zero
+from zerovl_lightning.errors import DiskError
+
+from .world import is_global_zero, launcher_rank
 
 log = logging.getLogger(__name__)
 
 CKPT_SUFFIX = ".ckpt"
 TMP_SUFFIX = ".tmp"
 _PASS_THROUGH = {"best", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
+# Rank 0's choice, for the ranks Lightning's launcher starts from it (they inherit the environment).
+RESOLVED_ENV = "ZEROVL_RESOLVED_CKPT_PATH"
 
 
 class CheckpointError(RuntimeError):
@@ -76,18 +81,78 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and not ending in .ckpt: neither Lightning's "last" lookup nor ours takes it for a checkpoint.
     tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except (OSError, RuntimeError) as e:
+        disk = _disk_problem(e, target.parent)
+        if disk is None:
+            raise
+        kept = " the previous checkpoint is kept;" if target.exists() else ""
+        raise DiskError(
+            f"{target}: checkpoint not written, {disk};{kept} free space or point callbacks.*.dirpath "
+            "(paths.output_dir) at another disk"
+        ) from e
     _fsync_dir(target.parent)
+
+
+def _disk_problem(exc: BaseException, folder: Path) -> str | None:
+    """Say plainly when a failed write was the disk's fault (torch reports ENOSPC as "file write failed")."""
+    import errno
+    import shutil
+
+    errnos, cur, torch_writer = set(), exc, False
+    for _ in range(8):  # torch's writer raises RuntimeError("[enforce fail at inline_container.cc…") from ENOSPC
+        if cur is None:
+            break
+        errnos.add(getattr(cur, "errno", None))
+        torch_writer |= isinstance(cur, RuntimeError) and any(
+            w in str(cur) for w in ("inline_container", "PytorchStreamWriter", "write failed")
+        )
+        cur = cur.__cause__ or cur.__context__
+    if errno.EROFS in errnos:
+        return f"{folder} is on a read-only file system"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if errnos & {errno.ENOSPC, errno.EDQUOT} or (torch_writer and free is not None and free < 64 * 2**20):
+        return "the disk is full" + (f" ({free / 2**20:.1f} MiB free on {folder})" if free is not None else "")
+    return None
+
+
+def checkpoint_size_estimate(module: torch.nn.Module) -> int:
+    """Bytes of a training checkpoint of ``module``: weights plus two optimizer moments (AdamW)."""
+    return 3 * sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def warn_if_low_disk_space(folder: _PATH, needed: int) -> bool:
+    """Warn (once, before the first save) when ``folder`` has less than ``needed`` bytes free."""
+    import shutil
+
+    d = Path(folder)
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        return False
+    if free >= needed:
+        return False
+    rank_zero_warn(
+        f"Only {free / 2**20:.1f} MiB free for checkpoints in {folder}; a checkpoint needs about "
+        f"{needed / 2**20:.1f} MiB (written next to the previous one): free space or set callbacks.*.dirpath"
+    )
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -107,16 +172,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ------------------------------------------------------------------------------------------- integrity
-def check_checkpoint(path: _PATH) -> dict[str, Any]:
-    """Load ``path`` the way a resume will, cheaply; raise :class:`CheckpointError` saying why it is unusable.
-
-    Checks: non-empty; a complete zip (a truncated ``torch.save`` file loses its central directory); every
-    member's CRC-32 (bit rot, torn writes; one sequential read of the file); unpickles with
-    ``weights_only=True`` (what ``Trainer.fit`` does by default), memory-mapped so tensors are not copied;
-    has the keys a resume needs. Returns the loaded dict
-    (tensors memory-mapped; drop it when done).
-    """
+def check_archive(path: _PATH) -> Path:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete ``torch.save`` zip with intact CRCs."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file; give the path of a .ckpt file (or `last` to resume)")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a folder, not a checkpoint file")
     try:
         size = p.stat().st_size
     except OSError as e:
@@ -127,9 +189,24 @@ def check_checkpoint(path: _PATH) -> dict[str, Any]:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{p}: not a complete torch zip archive ({size} bytes; truncated?): {e}") from e
+        raise CheckpointError(
+            f"{p}: not a complete torch zip archive ({size} bytes; truncated, or not a checkpoint?): {e}"
+        ) from e
     if bad is not None:
         raise CheckpointError(f"{p}: CRC mismatch in member {bad!r} (corrupt data)")
+    return p
+
+
+def check_checkpoint(path: _PATH) -> dict[str, Any]:
+    """Load ``path`` the way a resume will, cheaply; raise :class:`CheckpointError` saying why it is unusable.
+
+    Checks: non-empty; a complete zip (a truncated ``torch.save`` file loses its central directory); every
+    member's CRC-32 (bit rot, torn writes; one sequential read of the file); unpickles with
+    ``weights_only=True`` (what ``Trainer.fit`` does by default), memory-mapped so tensors are not copied;
+    has the keys a resume needs. Returns the loaded dict
+    (tensors memory-mapped; drop it when done).
+    """
+    p = check_archive(path)
     try:
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle makes the file unusable for resume
@@ -149,15 +226,29 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def stored_step(path: _PATH) -> int:
+    """The ``global_step`` recorded inside a checkpoint (cheap: tensors memory-mapped), -1 when unreadable."""
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", mmap=True, weights_only=True)
+        return int(ckpt["global_step"])
+    except Exception:  # noqa: BLE001 - unreadable files sort last; check_checkpoint says why later
+        return -1
+
+
 def list_checkpoints(directory: _PATH) -> list[Path]:
-    """``*.ckpt`` files of a folder, newest first (by mtime; at equal times ``last*``, then higher step)."""
+    """``*.ckpt`` files of a folder, most trained first: by the training step stored in each file (never by
+    modification time, which ``cp -r`` or ``touch`` changes); at equal steps ``last*`` first, then by name."""
     d = Path(directory)
     if not d.is_dir():
         return []
     files = [p for p in d.iterdir() if p.suffix == CKPT_SUFFIX and p.is_file() and not p.name.startswith(".")]
-    return sorted(
-        files, key=lambda p: (p.stat().st_mtime_ns, p.stem.startswith("last"), _step_of(p)), reverse=True
-    )
+    steps = {p: stored_step(p) for p in files}
+    return sorted(files, key=lambda p: (-steps[p], not p.stem.startswith("last"), p.name))
+
+
+def _global_rank() -> int:
+    """This process's global rank as Lightning detects it (RANK, SLURM_PROCID, LOCAL_RANK, ...)."""
+    return launcher_rank()
 
 
 def _is_rank_zero() -> bool:
@@ -184,38 +275,55 @@ def remove_stale_temp_files(directory: _PATH) -> list[Path]:
 
 
 def newest_loadable(candidates: list[Path]) -> Path:
-    """The first candidate that passes :func:`check_checkpoint`; warns naming the skipped and chosen files."""
+    """The first candidate that passes :func:`check_checkpoint`; warns naming the unusable and chosen files.
+
+    Candidates whose stored step cannot be read (truncated, garbage) sort last in :func:`list_checkpoints`;
+    they are checked too, so the warning names every unusable file, wherever it sorted.
+    """
     failures: list[str] = []
+    chosen: Path | None = None
     for path in candidates:
+        if chosen is not None and stored_step(path) >= 0:
+            continue
         try:
             check_checkpoint(path)
         except CheckpointError as e:
             failures.append(str(e))
-            log.warning("Checkpoint unusable, trying an older one: %s", e)
+            log.warning("Checkpoint unusable: %s", e)
             continue
-        if failures:
-            rank_zero_warn(
-                f"Resuming from {path} instead of the newer {candidates[0]}, which is unusable: "
-                + " | ".join(failures)
-            )
-        return path
-    raise CheckpointError(
-        "No loadable checkpoint among "
-        + ", ".join(str(p) for p in candidates)
-        + (": " + " | ".join(failures) if failures else "")
-    )
+        if chosen is None:
+            chosen = path
+    if chosen is None:
+        raise CheckpointError(
+            "No loadable checkpoint among "
+            + ", ".join(str(p) for p in candidates)
+            + (": " + " | ".join(failures) if failures else "")
+        )
+    if failures:
+        rank_zero_warn(
+            f"Resuming from {chosen} instead of the unusable " + " | ".join(failures)
+        )
+    return chosen
 
 
 def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH | None) -> str | None:
     """Turn the ``ckpt_path`` setting into a checkpoint that loads, or ``None`` to start fresh.
 
     - ``None`` / ``""`` / ``"null"`` → ``None``.
-    - ``"last"`` → the newest loadable ``*.ckpt`` in ``checkpoint_dir`` (``None`` with a warning when there is
-      none, so a job script can always pass ``ckpt_path=last``: a first launch starts fresh, requeues resume).
-    - a folder (a run's output folder with ``checkpoints/`` inside, or the checkpoints folder) → its newest
-      loadable checkpoint; an error if it has none.
-    - a file → that file if it loads, else the newest loadable checkpoint next to it whose name has a step
-      not above the file's (any, when the name has no step), with a warning.
+    - ``"last"`` → the loadable ``*.ckpt`` of ``checkpoint_dir`` with the highest stored step (``None`` with
+      a warning when there is none, so a job script can always pass ``ckpt_path=last``: a first launch starts
+      fresh, requeues resume).
+    - a folder (a run's output folder with ``checkpoints/`` inside, or the checkpoints folder) → its loadable
+      checkpoint with the highest stored step; an error if it has none.
+    - a file → that file if it loads, else the most trained loadable checkpoint next to it whose stored step
+      is not above the file's (any, when the file's step is unknown), with a warning.
+
+    Steps come from inside the files, never from modification times (``cp -r`` and ``touch`` change those).
+    Global rank 0 (Lightning's rank detection: ``RANK``, ``SLURM_PROCID``, ``LOCAL_RANK``) resolves and logs
+    "Resuming from <file> (global step N)"; the choice is put in ``$ZEROVL_RESOLVED_CKPT_PATH``, which the
+    ranks Lightning's DDP launcher starts from rank 0 inherit and use as is. Ranks started by an external
+    launcher (torchrun, SLURM) resolve on their own from the same files, which gives the same choice because
+    it depends only on the files' contents.
     - ``"best"``, ``"hpc"``, ``"registry"`` → passed through to Lightning unchanged.
 
     Newer-but-corrupt files (a node crash during a write on a filesystem that ignores fsync, a copy cut short)
@@ -228,6 +336,17 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
         return None
     if value in _PASS_THROUGH or value.startswith("registry:"):
         return value
+    shared = os.environ.get(RESOLVED_ENV)
+    if shared and _global_rank() != 0 and Path(shared).is_file():
+        return shared  # rank 0 chose before launching this process (Lightning's DDP launcher)
+    chosen = _resolve(value, checkpoint_dir)
+    if chosen is not None and _global_rank() == 0:
+        os.environ[RESOLVED_ENV] = chosen  # inherited by the ranks Lightning launches from this process
+        log.info("Resuming from %s (global step %d)", chosen, stored_step(chosen))
+    return chosen
+
+
+def _resolve(value: str, checkpoint_dir: _PATH | None) -> str | None:
     if value == "last":
         if checkpoint_dir is None:
             raise CheckpointError("ckpt_path=last needs the run's checkpoint folder (callbacks.*.dirpath)")
@@ -249,10 +368,11 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
         raise CheckpointError(f"ckpt_path={value}: no such file or folder")
     # Fall back only to checkpoints not past the requested one (by the step in their names); a corrupted file
     # has a fresh mtime, so times cannot tell "older" here.
-    step = _step_of(path)
+    step = stored_step(path)
+    step = step if step >= 0 else _step_of(path)  # an unreadable file: the step in its name, if any
     older = [p for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
     if step >= 0:
-        older = [p for p in older if 0 <= _step_of(p) <= step]
+        older = [p for p in older if 0 <= stored_step(p) <= step]
     return str(newest_loadable([path, *older]))
 
 
@@ -278,6 +398,12 @@ class BatchEndCheckpoint(ModelCheckpoint):
         kwargs["save_on_train_epoch_end"] = True
         super().__init__(*args, **kwargs)
         self.save_on_last_step = save_on_last_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero and self.dirpath:
+            # a temp file next to the kept one: twice the size must fit
+            warn_if_low_disk_space(self.dirpath, 2 * checkpoint_size_estimate(pl_module))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -472,15 +598,19 @@ def checkpoint_dir_of(cfg: DictConfig) -> str | None:
 
 
 def prepare_resume(cfg: DictConfig) -> str | None:
-    """Resolve ``cfg.ckpt_path`` to a loadable checkpoint and point a wandb logger at the checkpoint's run.
+    """Resolve ``cfg.ckpt_path`` to a loadable checkpoint; loggers continue their history from its step.
 
-    Call before instantiating loggers. Sets ``cfg.logger.<wandb>.id`` (unless already set) and
-    ``resume="allow"`` when the checkpoint recorded a ``WandbLogger`` run id.
+    Call before instantiating loggers. CSV and TensorBoard loggers get the checkpoint's step
+    (:func:`zerovl_lightning.logger_resume.configure_logger_resume`). Sets ``cfg.logger.<wandb>.id`` (unless
+    already set) and ``resume="allow"`` when the checkpoint recorded a ``WandbLogger`` run id.
     Returns the checkpoint path for ``trainer.fit``.
     """
+    from zerovl_lightning.logger_resume import configure_logger_resume
+
     path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir_of(cfg))
     if path is None or path in _PASS_THROUGH or not Path(path).is_file():
         return path
+    configure_logger_resume(cfg, stored_step(path))
     run_id = read_run_ids(path).get("WandbLogger")
     loggers = cfg.get("logger") or {}
     for name, node in loggers.items():

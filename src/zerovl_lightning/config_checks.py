@@ -96,6 +96,40 @@ def _check_batches(cfg: DictConfig) -> None:
         raise ConfigError(f"data.steps_per_epoch={steps} must be positive (or null for one pass)")
 
 
+def _number(cfg: Any, key: str) -> float | None:
+    """``cfg.<key>`` as a float, or None when unset; a ConfigError naming the key for anything else."""
+    value = _node(cfg, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    try:
+        return float(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}={value!r} must be a number (e.g. {key}=1e-4)") from e
+
+
+def _check_training_length(cfg: DictConfig) -> None:
+    """Lightning's -1 / null mean "no limit"; 0 or another negative number would train nothing."""
+    for key in ("trainer.max_steps", "trainer.max_epochs"):
+        n = _int(cfg, key)
+        if n is not None and n != -1 and n <= 0:
+            raise ConfigError(f"{key}={n} must be positive (or -1 for no limit): the run would train nothing")
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    lr = _number(cfg, "module.optimizer.lr")
+    if lr is not None and not (lr > 0 and lr < float("inf")):
+        raise ConfigError(f"module.optimizer.lr={lr} must be a positive finite number")
+    wd = _number(cfg, "module.optimizer.weight_decay")
+    if wd is not None and not wd >= 0:
+        raise ConfigError(f"module.optimizer.weight_decay={wd} must be >= 0")
+    for key in ("module.scheduler.warmup_fraction", "module.scheduler.min_lr_ratio"):
+        v = _number(cfg, key)
+        if v is not None and not 0 <= v <= 1:
+            raise ConfigError(f"{key}={v} must be between 0 and 1")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -206,9 +240,35 @@ def _check_ckpt_path(cfg: DictConfig) -> None:
         )
 
 
+# Data-plan fingerprint fields (ZeroVLDataModule._fingerprint) whose change makes a resume train on other data
+# or another schedule, and the config key a user changed for each.
+_RESUME_KEYS = {"batch_size": "data.batch_size", "lanes": "data.num_workers"}
+
+
+def check_data_resume(saved: Mapping[str, Any], current: Mapping[str, Any], allow_inexact: bool) -> list[str]:
+    """Refuse to resume when ``data.batch_size`` / ``data.num_workers`` differ from the checkpoint's.
+
+    Returns the changed fingerprint fields (all of them, for the caller's log line). Raises
+    :class:`ConfigError` naming the changed keys unless ``allow_inexact`` (``data.allow_inexact_resume``).
+    """
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    refused = [k for k in changed if k in _RESUME_KEYS]
+    if refused and not allow_inexact:
+        what = ", ".join(
+            f"{_RESUME_KEYS[k]}: {saved.get(k)} in the checkpoint, {current.get(k)} now" for k in refused
+        )
+        raise ConfigError(
+            f"cannot resume exactly ({what}): the data stream and LR schedule would change. Resume with the "
+            "checkpoint's values, or set data.allow_inexact_resume=true to continue anyway"
+        )
+    return changed
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Run every check; raise :class:`ConfigError` on the first failure."""
     _check_batches(cfg)
+    _check_training_length(cfg)
+    _check_optimizer(cfg)
     _check_output_dir(cfg)
     _check_ckpt_path(cfg)
     _check_data(cfg)

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...})
+from zerovl_lightning.errors import exit_on_known_errors
 from zerovl_lightning.eval import report
 from zerovl_lightning.eval.callbacks import (
     EvalCallback,
@@ -44,7 +45,9 @@ def build_evaluators(cfg: DictConfig) -> list[EvalCallback]:
     """The evaluation callbacks for the chosen ``tasks`` (used here without a trainer)."""
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        from zerovl_lightning.config_checks import ConfigError
+
+        raise ConfigError(f"tasks={list(cfg.tasks)}: unknown {sorted(unknown)}; choose from {list(TASKS)}")
     common: dict[str, Any] = dict(
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress
     )
@@ -98,6 +101,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://zerovl_lightning.conf", config_name="eval")
+@exit_on_known_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

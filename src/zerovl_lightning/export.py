@@ -33,6 +33,7 @@ from typing import Any
 import open_clip
 import torch
 
+from zerovl_lightning.errors import exit_on_known_errors
 from zerovl_lightning.model import DualEncoder
 
 CONFIG_NAME = "open_clip_config.json"
@@ -119,8 +120,21 @@ def load_exported(
     """Load an export folder (``local-dir``), or ``<name>.json`` / a registered name + a weights file."""
     path = str(path)
     if os.path.isdir(path):
+        from zerovl_lightning.checkpointing import CheckpointError
+
+        for needed in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (Path(path) / needed).is_file():
+                raise CheckpointError(
+                    f"{path}: no {needed}; not a zerovl-export folder (make one with `zerovl-export CKPT OUT`)"
+                )
         spec = f"local-dir:{path}"
-        clip = open_clip.create_model(spec, device=device)
+        try:
+            clip = open_clip.create_model(spec, device=device)
+        except Exception as e:  # noqa: BLE001 - a truncated/garbage weights file or config
+            raise CheckpointError(
+                f"{path}: cannot load the export ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "re-export it with `zerovl-export CKPT OUT`"
+            ) from e
         tokenizer = open_clip.get_tokenizer(spec)
         name = (
             json.loads((Path(path) / CONFIG_NAME).read_text())
@@ -150,13 +164,20 @@ def load_lightning_checkpoint(ckpt_path: str | os.PathLike, model_key: str = "mo
     from hydra.utils import instantiate
 
     import zerovl_lightning.assets  # noqa: F401  (resolvers, in case the config still has interpolations)
+    from zerovl_lightning.checkpointing import CheckpointError, check_archive
     from zerovl_lightning.model import build_dual_encoder
 
-    # our own file (hyper-parameters are plain containers), so a full unpickle is fine
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    check_archive(ckpt_path)  # missing, empty, truncated, garbage: one line naming the file
+    try:
+        # our own file (hyper-parameters are plain containers), so a full unpickle is fine
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever fails to unpickle is not a usable checkpoint
+        raise CheckpointError(f"{ckpt_path}: torch.load failed: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
     cfg = (ckpt.get("hyper_parameters") or {}).get(model_key)
     if not isinstance(cfg, Mapping):
-        raise ValueError(
+        raise CheckpointError(
             f"{ckpt_path} has no model config in hyper_parameters[{model_key!r}]"
             " (was the module given a ready model?); export the model with export_open_clip()"
             " and evaluate the export instead"
@@ -186,8 +207,11 @@ def load_dual_encoder(
     file."""
     given = [x is not None for x in (ckpt_path, export_dir, model_name or model_config)]
     if sum(given) != 1:
-        raise ValueError(
-            "give exactly one of ckpt_path, export_dir, or model_name/model_config (+ pretrained)"
+        from zerovl_lightning.config_checks import ConfigError
+
+        raise ConfigError(
+            "give exactly one of ckpt_path, export_dir, or model_name/model_config (+ pretrained), e.g. "
+            "`zerovl-eval ckpt_path=<run>/checkpoints/last.ckpt`"
         )
     if ckpt_path is not None:
         return load_lightning_checkpoint(ckpt_path).to(device)
@@ -202,6 +226,7 @@ def load_dual_encoder(
     return load_exported(str(model_name), pretrained, device=device)
 
 
+@exit_on_known_errors
 def main(argv: list[str] | None = None) -> None:
     """zerovl-export CKPT OUT_DIR [--name NAME]: Lightning checkpoint → open_clip folder."""
     parser = argparse.ArgumentParser(prog="zerovl-export", description=main.__doc__)

@@ -37,6 +37,12 @@ class NonFiniteGuard(L.Callback):
         max_skips: with ``"skip"``, raise once more than this many steps were skipped in the run (a run that
             keeps producing NaNs has diverged; skipping forever would hide it). ``None``: no limit.
         check_grads: also check every gradient (one fused reduction per step); the loss is always checked.
+        max_consecutive_skips: with ``"skip"``, raise once more than this many steps *in a row* were skipped:
+            a model whose weights went non-finite (e.g. a far too high learning rate) makes every later step
+            non-finite, and skipping them all would end the run "successfully" with a useless model.
+
+    Whatever the action, a checkpoint of a model with non-finite weights is never written: saving raises
+    :class:`NonFiniteError` (so the last good checkpoint stays the newest and the command exits non-zero).
 
     Logs ``guard/skipped_steps`` and ``guard/amp_overflow_steps`` every training batch. Both counters are part
     of the checkpoint (``state_dict``), so they keep counting across resumes. Under DDP the decision is
@@ -44,14 +50,22 @@ class NonFiniteGuard(L.Callback):
     """
 
     def __init__(
-        self, action: Action = "skip", max_skips: int | None = 100, check_grads: bool = True
+        self,
+        action: Action = "skip",
+        max_skips: int | None = 100,
+        check_grads: bool = True,
+        max_consecutive_skips: int | None = 10,
     ) -> None:
         if action not in ("skip", "stop"):
             raise ValueError(f"NonFiniteGuard action must be 'skip' or 'stop', got {action!r}")
         if max_skips is not None and max_skips < 0:
             raise ValueError(f"max_skips must be >= 0 or None, got {max_skips}")
+        if max_consecutive_skips is not None and max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0 or None, got {max_consecutive_skips}")
         self.action = action
         self.max_skips = max_skips
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive_skips = 0
         self.check_grads = check_grads
         self.skipped_steps = 0
         self.amp_overflow_steps = 0
@@ -84,6 +98,7 @@ class NonFiniteGuard(L.Callback):
         bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
         losses, self._loss_ok, self._losses = self._losses, [], []
         if not bad:
+            self.consecutive_skips = 0
             return
         step = trainer.global_step  # the step being taken (global_step counts completed optimizer steps)
         culprit = self._culprit(pl_module, params, losses, scaler is None) if local_bad else "on another rank"
@@ -92,6 +107,7 @@ class NonFiniteGuard(L.Callback):
         for p in params:
             p.grad = None
         self.skipped_steps += 1
+        self.consecutive_skips += 1
         msg = (
             f"Non-finite {culprit} at global step {step}: skipped this optimizer step "
             f"({self.skipped_steps} skipped so far)."
@@ -102,6 +118,26 @@ class NonFiniteGuard(L.Callback):
             raise NonFiniteError(
                 f"{self.skipped_steps} optimizer steps had non-finite values (last: {culprit} at global step "
                 f"{step}), more than max_skips={self.max_skips}; stopping."
+            )
+        if self.max_consecutive_skips is not None and self.consecutive_skips > self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} optimizer steps in a row had non-finite values (last: {culprit} at "
+                f"global step {step}), more than max_consecutive_skips={self.max_consecutive_skips}: the run "
+                "diverged; lower module.optimizer.lr or resume from an earlier checkpoint."
+            )
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Never write a model with non-finite weights (it would become the newest checkpoint)."""
+        params = [p.detach() for p in pl_module.parameters()]
+        if params and not bool(_all_finite(params)):
+            names = [n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
+            raise NonFiniteError(
+                f"non-finite weights at global step {trainer.global_step} ({names[0]}"
+                + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                + "): checkpoint not written, the previous one is kept; the run diverged — lower "
+                "module.optimizer.lr or resume from an earlier checkpoint."
             )
 
     def on_train_batch_end(
@@ -137,10 +173,15 @@ class NonFiniteGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         self._fold_overflows()
-        return {"skipped_steps": self.skipped_steps, "amp_overflow_steps": self.amp_overflow_steps}
+        return {
+            "skipped_steps": self.skipped_steps,
+            "amp_overflow_steps": self.amp_overflow_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
         self.amp_overflow_steps = int(state_dict.get("amp_overflow_steps", 0))
         self._overflows = None
 

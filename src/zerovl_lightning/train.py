@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...} resolvers)
 from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
+from zerovl_lightning.errors import exit_on_known_errors
 from zerovl_lightning.world import check_sub_batch, normalize_slurm_env, per_rank_batch
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def print_report(trainer: L.Trainer) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://zerovl_lightning.conf", config_name="train")
+@exit_on_known_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
     name = cfg.get("optimized_metric")

@@ -342,6 +342,8 @@ class ZeroVLDataModule(LightningDataModule):
             ``model.preprocess_cfg``).
         world_size / rank: override the distributed setup (tests; normally from the Trainer or
         torch.distributed).
+        allow_inexact_resume: resume even when ``batch_size`` / ``num_workers`` changed since the checkpoint
+            (refused otherwise, see ``config_checks.check_data_resume``); what changed is logged as a warning.
     """
 
     def __init__(
@@ -370,8 +372,10 @@ class ZeroVLDataModule(LightningDataModule):
         preprocess_cfg: Mapping[str, Any] | None = None,
         world_size: int | None = None,
         rank: int | None = None,
+        allow_inexact_resume: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_inexact_resume = bool(allow_inexact_resume)
         # Hydra hands nested values over as DictConfig/ListConfig (also the model's preprocess_cfg kwarg)
         sources, weights, order = to_plain(sources), to_plain(weights), to_plain(order)
         crop_scale, preprocess_cfg = to_plain(crop_scale), to_plain(preprocess_cfg)
@@ -699,6 +703,9 @@ class ZeroVLDataModule(LightningDataModule):
             raise ValueError(f"unsupported ZeroVLDataModule state version {state_dict.get('version')}")
         self.setup("fit")
         ranks = state_dict["ranks"]
+        from ..config_checks import check_data_resume
+
+        check_data_resume(state_dict["fingerprint"], self._fingerprint(), self.allow_inexact_resume)
         exact = state_dict["fingerprint"] == self._fingerprint() and len(ranks) == self.world_size
         if not exact:
             log.warning(

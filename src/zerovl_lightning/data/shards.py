@@ -37,7 +37,6 @@ import bisect
 import glob as globlib
 import io
 import itertools
-import json
 import logging
 import os
 import random
@@ -55,6 +54,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
+
+from .image_decoding import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,13 @@ def read_stats(urls: Sequence[str], spec: Any = None) -> dict[str, Any] | None:
         candidates.append(os.path.join(os.path.expanduser(os.fspath(spec)), "stats.json"))
     if urls and not is_remote(urls[0]):
         candidates.append(os.path.join(os.path.dirname(_local_path(urls[0])), "stats.json"))
+    from .writers import load_stats_file, verify_stats
+
     for c in candidates:
         if os.path.isfile(c):
-            with open(c, encoding="utf-8") as f:
-                return json.load(f)
+            stats = load_stats_file(c)
+            verify_stats(stats, c, urls, scan=scan_tar)  # a contradiction with the shards is an error
+            return stats
     return None
 
 
@@ -240,10 +244,10 @@ class SourceInfo:
                 )
             sizes = [scan_tar(u) for u in urls]
         if num_samples is None:
-            if stats and "num_samples" in stats:
-                num_samples = int(stats["num_samples"])
-            elif sizes is not None:
+            if sizes is not None:  # the selected shards' counts (a glob may select part of a folder)
                 num_samples = int(sum(sizes))
+            elif stats and "num_samples" in stats:
+                num_samples = int(stats["num_samples"])
             else:
                 raise ValueError(
                     f"source {name!r}: number of samples unknown — give num_samples or a stats.json next to "
@@ -370,7 +374,7 @@ def decode_sample(
                 return None
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
-            img = img.convert("RGB")
+            img = to_rgb(img)  # alpha on white, 16-bit / float scaled: as evaluation decodes
     except Image.DecompressionBombError:
         counter.add("image_too_large")
         return None

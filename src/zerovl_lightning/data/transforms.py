@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torchvision import transforms as T
 
+from .image_decoding import to_rgb  # noqa: F401  (re-exported: the one decoder of train, eval and writers)
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -42,6 +42,8 @@ from typing import Any, NamedTuple
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .image_decoding import to_rgb
+
 log = logging.getLogger(__name__)
 
 WRITER_VERSION = 1
@@ -102,13 +104,7 @@ def encode_image(im: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def flatten_on_white(im: Image.Image) -> Image.Image:
-    """RGB image with any transparency composited on white (transparent pixels are often black underneath)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
+flatten_on_white = to_rgb  # the old name (demo.py): transparency on white, 16-bit and float images scaled
 
 
 def load_image_file(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, str]:
@@ -340,6 +336,11 @@ def _read_progress(progress_dir: Path, i: int, fingerprint: str, out: Path) -> d
     return rec
 
 
+def _has_bad_bytes(text: str | None) -> bool:
+    """True when ``text`` was decoded with ``surrogateescape`` from bytes that are not UTF-8."""
+    return bool(text) and any("\udc80" <= c <= "\udcff" for c in text)
+
+
 def _write_chunk(
     out: Path,
     i: int,
@@ -352,8 +353,12 @@ def _write_chunk(
 ) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     bad_examples: list[str] = []
-    valid = [t for t in chunk if t.caption and t.caption.strip()]
-    skipped["empty_caption"] = len(chunk) - len(valid)
+    # Captions are read with errors="surrogateescape": a non-UTF-8 byte becomes a lone surrogate here, and
+    # the sample is skipped and counted as the loader would count it (never written with U+FFFD).
+    encoded = [t for t in chunk if not _has_bad_bytes(t.caption)]
+    skipped["bad_text_encoding"] = len(chunk) - len(encoded)
+    valid = [t for t in encoded if t.caption and t.caption.strip()]
+    skipped["empty_caption"] = len(encoded) - len(valid)
     # Several captions per image: load each image of the shard once.
     unique = list(dict.fromkeys(t.image for t in valid))
     fn = functools.partial(_safe_load, load)
@@ -406,7 +411,9 @@ def _write_chunk(
 def _aggregate(
     records: Sequence[Mapping[str, Any]], source: str, fingerprint: str, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    skipped: Counter[str] = Counter({"empty_caption": 0, "missing_image": 0, "unreadable_image": 0})
+    skipped: Counter[str] = Counter(
+        {"empty_caption": 0, "bad_text_encoding": 0, "missing_image": 0, "unreadable_image": 0}
+    )
     images: set[Any] = set()
     bad_examples: list[str] = []
     for r in records:
@@ -436,6 +443,83 @@ def _aggregate(
 # Reading stats back
 
 
+_REBUILD_HINT = (
+    "rebuild it: `zerovl-data img2dataset {dir} --scan --force` (shards written by other tools), rewrite the "
+    "shards with `zerovl-data csv|folder`, or delete it to count samples by scanning the tars"
+)
+
+
+def load_stats_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a ``stats.json`` (the one reader of the format); a malformed file is a DataError naming it."""
+    from zerovl_lightning.errors import DataError
+
+    p = Path(path)
+    try:
+        stats = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{p}: not valid JSON ({e}); " + _REBUILD_HINT.format(dir=p.parent)) from e
+    if not isinstance(stats, dict):
+        raise DataError(f"{p}: expected a JSON object; " + _REBUILD_HINT.format(dir=p.parent))
+    for k in ("num_samples", "num_shards"):
+        if k in stats and (not isinstance(stats[k], int) or isinstance(stats[k], bool) or stats[k] < 0):
+            raise DataError(f"{p}: {k}={stats[k]!r} must be a non-negative integer; "
+                            + _REBUILD_HINT.format(dir=p.parent))
+    shards = stats.get("shards")
+    if shards is not None and not (
+        isinstance(shards, list)
+        and all(isinstance(x, dict) and isinstance(x.get("file"), str)
+                and isinstance(x.get("num_samples"), int) and x["num_samples"] >= 0 for x in shards)
+    ):
+        raise DataError(f"{p}: `shards` must be a list of {{file, num_samples >= 0}}; "
+                        + _REBUILD_HINT.format(dir=p.parent))
+    return stats
+
+
+def verify_stats(stats: Mapping[str, Any], path: str | os.PathLike, urls: Sequence[str],
+                 scan: Callable[[str], int] | None = None, max_scans: int = 2) -> None:
+    """Check a folder's ``stats.json`` against the shards on disk, cheaply; a DataError on a contradiction.
+
+    Checks: every listed shard exists and has the recorded byte size; no ``*.tar`` in the folder is left out;
+    ``num_samples`` is the sum of the shards' counts; the member count of up to ``max_scans`` shards (first
+    and last listed, tar headers only, via ``scan``) equals the recorded one.
+    """
+    from zerovl_lightning.errors import DataError
+
+    p = Path(path)
+    folder = p.parent
+    hint = _REBUILD_HINT.format(dir=folder)
+    listed = stats.get("shards")
+    if not isinstance(listed, list):
+        return  # an old/foreign stats file without a shard list: nothing to compare
+    names = [str(x["file"]) for x in listed]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{p} lists shard(s) missing on disk: {', '.join(missing[:3])}"
+                        + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "") + "; " + hint)
+    here, listed_paths = os.path.realpath(folder), {os.path.realpath(folder / n) for n in names}
+    unlisted = sorted(
+        os.path.basename(u) for u in urls
+        if "://" not in u and os.path.dirname(os.path.realpath(u)) == here
+        and os.path.realpath(u) not in listed_paths
+    )
+    if unlisted:
+        raise DataError(f"{p} does not list shard(s) {', '.join(unlisted[:3])} found next to it; " + hint)
+    for x in listed:
+        size = x.get("bytes")
+        actual = (folder / x["file"]).stat().st_size
+        if isinstance(size, int) and size != actual:
+            raise DataError(f"{p}: {x['file']} has {actual} bytes, the stats say {size}; " + hint)
+    total = sum(int(x["num_samples"]) for x in listed)
+    if "num_samples" in stats and int(stats["num_samples"]) != total:
+        raise DataError(f"{p}: num_samples={stats['num_samples']} but its shards add up to {total}; " + hint)
+    if scan is not None and listed:
+        for x in list(dict.fromkeys([listed[0]["file"], listed[-1]["file"]]))[:max_scans]:
+            n = next(int(y["num_samples"]) for y in listed if y["file"] == x)
+            found = scan(str(folder / x))
+            if found != n:
+                raise DataError(f"{p}: {x} holds {found} samples, the stats say {n}; " + hint)
+
+
 def read_stats(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``stats.json`` of a shard folder (``num_samples``, ``num_shards``, ``num_images``, ``shards``…)."""
     p = Path(directory) / STATS_FILE
@@ -444,7 +528,7 @@ def read_stats(directory: str | os.PathLike) -> dict[str, Any]:
             f"No {STATS_FILE} in {Path(directory)}: write the shards with `zerovl-data csv|folder|demo`, "
             f"or index existing webdataset/img2dataset shards with `zerovl-data img2dataset {directory}`"
         )
-    stats = json.loads(p.read_text())
+    stats = load_stats_file(p)
     for k in ("num_samples", "num_shards", "num_images"):
         if not isinstance(stats.get(k), int):
             raise ValueError(f"{p}: field {k!r} missing or not an int")
@@ -496,7 +580,7 @@ def write_csv_shards(
     image_dir = base / split
     if not csv_path.is_file():
         raise FileNotFoundError(f"ZeroVL annotation file not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         missing = {"image", "image_id", "caption", "caption_id"} - set(reader.fieldnames or [])
         if missing:
@@ -544,7 +628,7 @@ CAPTION_FILES = ("captions.csv", "captions.tsv", "metadata.csv", "metadata.tsv")
 
 def _read_caption_table(path: Path) -> list[tuple[str, str]]:
     """(relative image path, caption) rows of a CSV/TSV with a header naming an image and a caption column."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         sample = f.read(4096)
         f.seek(0)
         delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in sample and "," not in sample) else ","
@@ -594,7 +678,7 @@ def write_folder_shards(
     for im in images:
         txt = (root / im).with_suffix(".txt")
         if txt.is_file():
-            text = txt.read_bytes().decode("utf-8", errors="replace")
+            text = txt.read_bytes().decode("utf-8", errors="surrogateescape")  # bad bytes: counted later
             captions[im].extend(line.strip() for line in text.splitlines() if line.strip())
     table = (
         Path(captions_file)

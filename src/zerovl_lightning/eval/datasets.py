@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
+from zerovl_lightning.data.image_decoding import to_rgb
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -43,15 +45,7 @@ DIGIT_TEMPLATES = ('a photo of the number: "{c}".', "the digit {c}.", "a drawing
 
 
 # ------------------------------------------------------------------------------------------- transform
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparent regions composited on white (clip art and stamps are RGBA on transparent)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
+# to_rgb: the one decoder of training, evaluation and the writers (transparency on white, 16-bit, float)
 def eval_transform(
     preprocess_cfg: Mapping[str, Any], image_size: int | None = None
 ) -> Callable[[Any], torch.Tensor]:

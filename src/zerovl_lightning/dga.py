@@ -29,8 +29,9 @@ coupling samples in train mode (BatchNorm batch statistics) see sub-batches, so 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -45,6 +46,49 @@ from zerovl_lightning.loss import (
 )
 
 Encode = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+class DGAObjective(Protocol):
+    """The seam between DGA and a loss: embedding gradients from the cached embeddings, and the loss's own
+    parameters (logit_scale, logit_bias…) paired with this rank's additive share of their gradient."""
+
+    def embedding_gradients(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        all_image_emb: torch.Tensor,
+        all_text_emb: torch.Tensor,
+        offset: int,
+        targets: SoftTargets | None,
+        world: WorldInfo,
+        closed_form: bool,
+    ) -> EmbeddingGrads: ...
+
+    def parameter_gradients(self, grads: EmbeddingGrads) -> list[tuple[nn.Parameter, torch.Tensor]]: ...
+
+
+@dataclass
+class InfoNCEObjective:
+    """Symmetric InfoNCE (loss.py) as a :class:`DGAObjective`; its one parameter is logit_scale."""
+
+    logit_scale: nn.Parameter
+
+    def embedding_gradients(self, u_loc, v_loc, u_all, v_all, offset, targets, world, closed_form):
+        fn = embedding_gradients if closed_form else embedding_gradients_autograd
+        return fn(u_loc, v_loc, u_all, v_all, self.logit_scale.detach(), offset, targets, world)
+
+    def parameter_gradients(self, grads: EmbeddingGrads) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(self.logit_scale, grads.grad_logit_scale)]
+
+
+class TowerCache(Protocol):
+    """Pass-1 outputs of locked tower parts, replayed in pass 2 instead of recomputed (locked_cache.py)."""
+
+    def record(self, k: int) -> AbstractContextManager[None]: ...
+
+    def replay(self, k: int) -> AbstractContextManager[None]: ...
+
+    def clear(self) -> None: ...
 
 
 @dataclass
@@ -143,6 +187,8 @@ class DecoupledStep:
         targets: SoftTargets | None = None,
         backward: Callable[[torch.Tensor], None] = _default_backward,
         world: WorldInfo | None = None,
+        objective: DGAObjective | None = None,
+        tower_cache: TowerCache | None = None,
     ) -> DGAResult:
         """Accumulate ∂L/∂θ of the full-batch loss into ``.grad`` of ``model``'s parameters; return the loss.
 
@@ -150,8 +196,12 @@ class DecoupledStep:
         per sub-batch (once for the last one with ``keep_last_graph``). ``targets`` index the gathered batch:
         rank-major, then sub-batches in order. Gradients must be zero (or None) on entry; ``logit_scale``
         (log 1/τ) gets its gradient iff it requires grad. ``backward`` receives one scalar per sub-batch.
+        ``objective``: the loss (default InfoNCE on ``logit_scale``; SigLIP: siglip_loss.SigLipObjective).
+        ``tower_cache``: records locked tower parts in pass 1 and replays them in pass 2 (locked_cache.py).
         """
         world = world if world is not None else world_info()
+        objective = objective if objective is not None else InfoNCEObjective(logit_scale)
+        cache_ctx = tower_cache if tower_cache is not None else _NoCache()
         device = logit_scale.device
         last = len(sub_batches) - 1
         keep_last = self.keep_last_graph and not has_running_stats(model)
@@ -169,7 +219,7 @@ class DecoupledStep:
                     kept = encode(sub)
                 u, v = kept[0].detach(), kept[1].detach()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), cache_ctx.record(k):
                     u, v = encode(sub)
             image_cache.append(to_fp32(u))  # [b, D]
             text_cache.append(to_fp32(v))
@@ -184,8 +234,9 @@ class DecoupledStep:
         uv_all = all_gather_no_grad(torch.stack([u_loc, v_loc], dim=1), world)  # [N, 2, D]
         u_all, v_all = uv_all[:, 0], uv_all[:, 1]  # [N, D]
         offset = world.rank * u_loc.shape[0]
-        grad_fn = embedding_gradients if self.closed_form else embedding_gradients_autograd
-        grads = grad_fn(u_loc, v_loc, u_all, v_all, logit_scale.detach(), offset, targets, world)
+        grads = objective.embedding_gradients(
+            u_loc, v_loc, u_all, v_all, offset, targets, world, self.closed_form
+        )
         del uv_all, u_all, v_all
 
         # ---- pass 2: back-propagate the cached gradients (kept graph first, then replayed forwards)
@@ -201,14 +252,16 @@ class DecoupledStep:
             else:
                 if self.replay_rng:
                     rng_states[k].restore()
-                with torch.enable_grad():
+                with torch.enable_grad(), cache_ctx.replay(k):
                     u, v = encode(sub_batches[k])
             with torch.enable_grad():
                 surrogate = (to_fp32(u) * g_image[k]).sum() + (to_fp32(v) * g_text[k]).sum()
-                if i == 0 and logit_scale.requires_grad:
-                    surrogate = surrogate + logit_scale * grads.grad_logit_scale.to(logit_scale.dtype)
-            backward(surrogate)
+                if i == 0:
+                    surrogate = surrogate + _parameter_surrogate(objective.parameter_gradients(grads))
+            if surrogate.requires_grad:  # not with every tower locked and a frozen τ
+                backward(surrogate)
             del u, v, surrogate
+        cache_ctx.clear()
         if self.replay_rng:
             rng_after.restore()  # the stream continues as after one pass, whatever pass 2 drew
 
@@ -227,3 +280,21 @@ class DecoupledStep:
 def _restore_buffers(model: nn.Module, saved: Sequence[torch.Tensor]) -> None:
     for b, s in zip(model.buffers(), saved):
         b.copy_(s)
+
+
+def _parameter_surrogate(pairs: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> torch.Tensor | float:
+    """Σ p·g over the loss's trainable parameters: back-propagates exactly g into p.grad."""
+    return sum((p * g.to(p.dtype)).sum() for p, g in pairs if p.requires_grad)
+
+
+class _NoCache:
+    """The :class:`TowerCache` of a model without locked towers: records and replays nothing."""
+
+    def record(self, k: int) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def replay(self, k: int) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def clear(self) -> None:
+        pass

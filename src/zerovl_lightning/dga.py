@@ -84,6 +84,8 @@ class InfoNCEObjective:
 class TowerCache(Protocol):
     """Pass-1 outputs of locked tower parts, replayed in pass 2 instead of recomputed (locked_cache.py)."""
 
+    def begin(self, num_sub_batches: int) -> None: ...
+
     def record(self, k: int) -> AbstractContextManager[None]: ...
 
     def replay(self, k: int) -> AbstractContextManager[None]: ...
@@ -202,6 +204,7 @@ class DecoupledStep:
         world = world if world is not None else world_info()
         objective = objective if objective is not None else InfoNCEObjective(logit_scale)
         cache_ctx = tower_cache if tower_cache is not None else _NoCache()
+        cache_ctx.begin(len(sub_batches))
         device = logit_scale.device
         last = len(sub_batches) - 1
         keep_last = self.keep_last_graph and not has_running_stats(model)
@@ -289,6 +292,9 @@ def _parameter_surrogate(pairs: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> 
 
 class _NoCache:
     """The :class:`TowerCache` of a model without locked towers: records and replays nothing."""
+
+    def begin(self, num_sub_batches: int) -> None:
+        pass
 
     def record(self, k: int) -> AbstractContextManager[None]:
         return nullcontext()

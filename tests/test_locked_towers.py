@@ -36,6 +36,7 @@ def _locked_model(dropout: float = 0.1, **lock) -> nn.Module:
     """Tiny open_clip towers (float64) with attention dropout and patch dropout, locked as asked."""
     cfg = copy.deepcopy(TINY_MODEL_CFG)
     cfg["vision_cfg"]["patch_dropout"] = 0.25
+    torch.manual_seed(0)  # the same init for every model built here
     model = build_dual_encoder("zerovl-tiny-locked", cfg, temperature=0.07, learn_temperature=True, **lock)
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):

@@ -207,3 +207,27 @@ def test_siglip_dga_with_mixup_soft_targets(modality):
     assert abs(float(loss - loss_ref)) <= 1e-10 * float(loss_ref)
     _, g_hard = _siglip_full(model, subs, plan)  # the targets matter
     assert _max_rel_err(g_hard, g_ref) > 1e-3
+
+
+def test_export_keeps_logit_bias_and_retrieval_runs(tmp_path):
+    """A SigLIP-trained model exports with its logit_bias; open_clip rebuilds it; retrieval uses encode_* only."""
+    import open_clip
+
+    from zerovl_lightning.eval.retrieval import retrieval_ranks
+    from zerovl_lightning.export import export_open_clip, load_exported
+    from zerovl_lightning.model import build_tiny
+
+    model = build_tiny(temperature=0.1, init_logit_bias=-10.0)
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.25)
+    export_open_clip(model, tmp_path / "export")
+    clip = open_clip.create_model(f"local-dir:{tmp_path / 'export'}")
+    assert float(clip.logit_bias) == -7.25 and float(clip.logit_scale.exp()) == pytest.approx(10.0)
+    loaded = load_exported(tmp_path / "export")
+    assert float(loaded.logit_bias) == -7.25
+    images, tokens = torch.randn(4, 3, 32, 32), model.tokenize(["a", "b", "c", "d"])
+    loaded.eval()
+    with torch.no_grad():
+        u, v = loaded.encode_image(images), loaded.encode_text(tokens)
+    i2t, t2i, _ = retrieval_ranks(u, v, torch.arange(4))
+    assert i2t.shape == t2i.shape == (4,) and int(i2t.max()) < 4

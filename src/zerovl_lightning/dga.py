@@ -21,6 +21,10 @@ One step over K sub-batches per rank (global batch N = W·K·b):
    ``training_step`` inside a single DDP forward, and DDP would otherwise all-reduce (average) after each of
    the K backwards, mixing averaged and local gradients.
 
+The loss plugs in as a :class:`DGAObjective` (embedding gradients + its own parameters' gradients): InfoNCE by
+default, SigLIP via ``siglip_loss.SigLipObjective``. A :class:`TowerCache` (``locked_cache.LockedTowerCache``)
+lets pass 2 replay the locked parts of the towers recorded in pass 1 instead of recomputing them.
+
 Exact for any per-sample stochastic layer (dropout, drop-path, patch dropout) thanks to the RNG replay. Layers
 coupling samples in train mode (BatchNorm batch statistics) see sub-batches, so DGA is exact for the loss
 *with sub-batch statistics*, not for a full-batch BatchNorm.

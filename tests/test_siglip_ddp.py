@@ -16,7 +16,7 @@ from zerovl_lightning.loss import SoftTargets
 from zerovl_lightning.mixup import MixupPlan, encode_pair, global_partner
 from zerovl_lightning.siglip_loss import SigLipLoss, SigLipObjective
 
-pytestmark = [pytest.mark.ddp, pytest.mark.xdist_group("siglip_ddp")]
+pytestmark = [pytest.mark.slow, pytest.mark.ddp, pytest.mark.xdist_group("siglip_ddp")]  # one spawn, ~1-6 min
 
 WORLD, LOCAL = 2, 8  # global batch 16
 PLAN = MixupPlan(0.35, "image")

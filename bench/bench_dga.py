@@ -460,31 +460,45 @@ def measure_locked_memory(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run_locked(repeats: int) -> dict[str, Any]:
-    """The locked-tower and checkpointing figures, merged into bench/results/dga.json (other keys kept)."""
-    t0 = time.perf_counter()
-    locked = measure_locked(8, repeats)
-    memory = measure_locked_memory(8 * SUB_BATCH)
-    locked["memory"] = memory
-    locked["measured"] = (
-        f"python bench/bench_dga.py --locked: CPU time (time.process_time, 1 thread) per optimizer step, "
-        f"median of {repeats} interleaved repeats after a warm-up; peak RSS (VmHWM) of one step in a fresh "
-        f"process, 2 threads; model {MODEL_CFG}, sub-batch {SUB_BATCH}; torch {torch.__version__}"
-    )
-    locked["bench_seconds"] = time.perf_counter() - t0
+def _merge_results(update: dict[str, Any]) -> None:
+    """Merge keys into bench/results/dga.json, keeping every other key."""
     path = RESULTS / "dga.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    res["locked"] = locked
-    for key, value in locked.items():
-        if key.endswith("_k8"):
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(res.get(key), dict):
+            res[key] = {**res[key], **value}
+        else:
             res[key] = value
-    mem = {r["method"]: r["step_delta_mb"] for r in memory}
-    res["grad_checkpointing_step_delta_mb"] = {
-        "plain": mem["plain"], "plain_ckpt": mem["plain_ckpt"], "dga": mem["dga"], "dga_ckpt": mem["dga_ckpt"]
-    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2) + "\n")
-    return locked
+
+
+def run_locked_time(repeats: int) -> None:
+    """The locked-tower step-time figures, merged into dga.json as soon as they are measured."""
+    t0 = time.perf_counter()
+    locked = measure_locked(8, repeats)
+    locked["measured"] = (
+        f"python bench/bench_dga.py --locked: CPU time (time.process_time, 1 thread) per optimizer step, "
+        f"median of {repeats} interleaved repeats after a warm-up; model {MODEL_CFG}, sub-batch {SUB_BATCH}; "
+        f"torch {torch.__version__}"
+    )
+    locked["bench_seconds"] = time.perf_counter() - t0
+    _merge_results({"locked": locked, **{k: v for k, v in locked.items() if k.endswith("_k8")}})
+
+
+def run_locked_memory() -> None:
+    """Peak memory with a locked image tower and with gradient checkpointing (N = 8 sub-batches)."""
+    memory = measure_locked_memory(8 * SUB_BATCH)
+    mem = {r["method"]: r["step_delta_mb"] for r in memory}
+    _merge_results(
+        {
+            "locked": {
+                "memory": memory,
+                "memory_measured": "peak RSS (VmHWM) of one step in a fresh process, 2 threads, N = 256",
+            },
+            "grad_checkpointing_step_delta_mb": {m: mem[m] for m in ("plain", "plain_ckpt", "dga", "dga_ckpt")},
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -591,13 +605,16 @@ def main() -> None:
     parser.add_argument("--memory-worker", nargs=2, metavar=("METHOD", "N"))
     parser.add_argument("--report-only", action="store_true", help="rewrite dga.md/png from dga.json")
     parser.add_argument("--locked", action="store_true", help="only the locked-tower / checkpointing figures")
+    parser.add_argument("--locked-memory", action="store_true", help="only the locked / checkpointing memory")
     parser.add_argument("--locked-memory-worker", nargs=2, metavar=("METHOD", "N"))
     args = parser.parse_args()
     if args.locked_memory_worker:
         print(json.dumps(locked_memory_worker(args.locked_memory_worker[0], int(args.locked_memory_worker[1]))))
         return
-    if args.locked:
-        run_locked(repeats=2 if args.quick else 3)
+    if args.locked or args.locked_memory:
+        if not args.locked_memory:
+            run_locked_time(repeats=2 if args.quick else 3)
+        run_locked_memory()
         return
     if args.report_only:
         write_report(json.loads((RESULTS / "dga.json").read_text()))
@@ -625,7 +642,8 @@ def main() -> None:
     res["time"] = measure_time(ks, repeats=2 if args.quick else 4)
     res["config"]["bench_seconds"] = time.perf_counter() - t0
     write_report(res)
-    run_locked(repeats=2 if args.quick else 3)  # merges its keys into the dga.json just written
+    run_locked_time(repeats=2 if args.quick else 3)  # merges its keys into the dga.json just written
+    run_locked_memory()
     print((RESULTS / "dga.md").read_text())
 
 

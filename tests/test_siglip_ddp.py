@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from ddp_utils import run_ddp
+from torch.nn.parallel import DistributedDataParallel
 
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.loss import SoftTargets
@@ -65,7 +66,21 @@ def _autograd_step(model, subs, plan=None, targets=None, world_size=1) -> tuple[
     return loss.detach(), _grads(model)
 
 
-def _dga_step(model, subs, plan=None, targets=None, cache=None) -> tuple[torch.Tensor, dict]:
+def _ddp_backward(ddp):
+    """What Lightning's ``manual_backward`` does for a bare DDP wrapper: prepare the reducer when synced."""
+    if ddp is None:
+        return lambda t: t.backward()
+
+    def backward(t: torch.Tensor) -> None:
+        if ddp.require_backward_grad_sync:
+            ddp.reducer._rebuild_buckets()
+            ddp.reducer.prepare_for_backward([])
+        t.backward()
+
+    return backward
+
+
+def _dga_step(model, subs, plan=None, targets=None, cache=None, ddp=None) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
     res = DecoupledStep()(
         model,
@@ -73,6 +88,8 @@ def _dga_step(model, subs, plan=None, targets=None, cache=None) -> tuple[torch.T
         subs,
         model.logit_scale,
         targets,
+        backward=_ddp_backward(ddp),
+        no_sync=None if ddp is None else ddp.no_sync,
         objective=SigLipObjective(model.logit_scale, model.logit_bias),
         tower_cache=cache,
     )
@@ -88,19 +105,21 @@ def _worker(rank: int, world_size: int) -> dict:
     # 1. no dropout: the loss, DGA (K = 2) and DGA with mixup, to compare with one process
     model = _model()
     out["plain"] = _autograd_step(model, [local], world_size=world_size)
-    out["dga"] = _dga_step(model, split_batch(local, LOCAL // 2))
+    ddp = DistributedDataParallel(model)  # DGA: DDP's reducer does the one reduction, on the last backward
+    out["dga"] = _dga_step(model, split_batch(local, LOCAL // 2), ddp=ddp)
     targets = SoftTargets(PLAN.alpha, global_partner(LOCAL, LOCAL // 2, rank, world_size))
-    out["dga_mixup"] = _dga_step(model, split_batch(local, LOCAL // 2), PLAN, targets)
+    out["dga_mixup"] = _dga_step(model, split_batch(local, LOCAL // 2), PLAN, targets, ddp=ddp)
     # 2. dropout (per-rank RNG streams): DGA replays them, for every K; a locked image tower cached
     for name, lock in (("dropout", {}), ("locked_image", {"lock_image": True})):
         model = _model(dropout=0.1, **lock)
+        ddp = DistributedDataParallel(model)
         cache = LockedTowerCache.for_model(model)
         for k in (1, 2, 4, 8):
             subs = split_batch(local, LOCAL // k)
             torch.manual_seed(100 + rank)
             ref = _autograd_step(model, subs, world_size=world_size)
             torch.manual_seed(100 + rank)
-            out[f"{name}_k{k}"] = (ref, _dga_step(model, subs, cache=cache))
+            out[f"{name}_k{k}"] = (ref, _dga_step(model, subs, cache=cache, ddp=ddp))
     return out
 
 

@@ -66,7 +66,7 @@ def test_locked_module_dga_equals_plain_step(lock, loss):
     _, cap_plain = _fit(plain, batch)
     _, cap_dga = _fit(dga, batch)
     assert cap_dga.grads[0].keys() == cap_plain.grads[0].keys()
-    assert not any(k.startswith("clip.visual") for k in cap_plain.grads[0]) or "lock_text" in lock
+    assert any(not p.requires_grad for p in plain.model.parameters())  # something is locked
     assert _max_rel_err(cap_dga.grads[0], cap_plain.grads[0]) <= 1e-10
 
 

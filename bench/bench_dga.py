@@ -449,6 +449,167 @@ def measure_grad_error(k: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------ locked towers, checkpointing
+LOCKS: dict[str, dict[str, Any]] = {
+    "locked_image": {"lock_image": True},
+    "locked_text": {"lock_text": True},
+    "image_last_block": {"lock_image": True, "lock_image_unlocked_groups": 2},  # last block + head trainable
+    "text_last_layer": {"lock_text": True, "lock_text_unlocked_layers": 2},
+}
+
+
+def build_variant(lock: dict[str, Any] | None = None, grad_checkpointing: bool = False, seed: int = 0):
+    from zerovl_lightning.model import build_dual_encoder
+
+    torch.manual_seed(seed)
+    model = build_dual_encoder(
+        "bench-small", MODEL_CFG, temperature=TEMPERATURE, learn_temperature=True,
+        grad_checkpointing=grad_checkpointing, **(lock or {}),
+    )
+    return model.train()
+
+
+def step_dga_cached(model, batch, k: int, cache) -> torch.Tensor:
+    from zerovl_lightning.dga import DecoupledStep, split_batch
+
+    subs = split_batch(batch, len(batch["image"]) // k)
+    return DecoupledStep()(model, lambda s: encode(model, s), subs, model.logit_scale, tower_cache=cache).loss
+
+
+def measure_locked(k: int, repeats: int) -> dict[str, Any]:
+    """CPU seconds per optimizer step at K sub-batches, interleaved: plain accumulation, DGA replaying the
+    locked part (ours), DGA recomputing it (every other two-pass cache) — for each lock of LOCKS."""
+    from zerovl_lightning.locked_cache import LockedTowerCache
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"k": k, "n": k * SUB_BATCH, "cases": []}
+    batch = make_batch(k * SUB_BATCH)
+    for name, lock in LOCKS.items():
+        model = build_variant(lock)
+        cache = LockedTowerCache.for_model(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+        def run(method: str, model=model, cache=cache, opt=opt) -> float:
+            cpu_start = time.process_time()
+            opt.zero_grad(set_to_none=True)
+            if method == "plain_accum":
+                step_plain_accum(model, batch, k)
+            else:
+                step_dga_cached(model, batch, k, cache if method == "dga" else None)
+            opt.step()
+            return time.process_time() - cpu_start
+
+        times: dict[str, list[float]] = {"plain_accum": [], "dga": [], "dga_recompute": []}
+        for method in times:  # warm-up
+            run(method)
+        for r in range(repeats):  # interleaved, rotating order
+            for method in list(times)[r % 3 :] + list(times)[: r % 3]:
+                times[method].append(run(method))
+        cpu = {m: statistics.median(t) for m, t in times.items()}
+        row = {
+            "case": name,
+            "lock": lock,
+            "cached": cache.describe(),
+            "cache_bytes_per_sample": _cache_bytes_per_sample(model, cache, batch),
+            **{f"{m}_s": v for m, v in cpu.items()},
+            "dga_over_plain_accum": cpu["dga"] / cpu["plain_accum"],
+            "recompute_over_plain_accum": cpu["dga_recompute"] / cpu["plain_accum"],
+        }
+        out["cases"].append(row)
+        out[f"{name}_dga_over_plain_accum_k{k}"] = row["dga_over_plain_accum"]
+        out[f"{name}_recompute_over_plain_accum_k{k}"] = row["recompute_over_plain_accum"]
+        print(
+            f"locked {name} K={k} (CPU s): plain accum {cpu['plain_accum']:.3f}, DGA {cpu['dga']:.3f} "
+            f"({row['dga_over_plain_accum']:.3f}x), DGA recomputing {cpu['dga_recompute']:.3f} "
+            f"({row['recompute_over_plain_accum']:.3f}x); cache {row['cache_bytes_per_sample']} B/sample",
+            flush=True,
+        )
+    return out
+
+
+def _cache_bytes_per_sample(model, cache, batch) -> int:
+    """Bytes the locked-part cache holds per sample (one recorded sub-batch of 2)."""
+    sub = {k: v[:2] for k, v in batch.items()}
+    cache.begin(1)
+    with torch.no_grad(), cache.record(0):
+        encode(model, sub)
+    per_sample = cache.bytes // 2
+    cache.clear()
+    return int(per_sample)
+
+
+def locked_memory_worker(method: str, n: int) -> dict[str, Any]:
+    """Peak RSS of one step (fresh process): ``{plain|dga}[_locked_image][_recompute][_ckpt]``."""
+    from zerovl_lightning.locked_cache import LockedTowerCache
+
+    torch.set_num_threads(2)
+    model = build_variant(LOCKS["locked_image"] if "locked_image" in method else None, "ckpt" in method)
+    batch = make_batch(n)
+    before = _status_mb("VmRSS")
+    if method.startswith("plain"):
+        step_full(model, batch)
+    else:
+        cache = None if "recompute" in method else LockedTowerCache.for_model(model)
+        step_dga_cached(model, batch, n // SUB_BATCH, cache)
+    peak = _status_mb("VmHWM")
+    return {"method": method, "n": n, "peak_rss_mb": peak, "step_delta_mb": peak - before}
+
+
+def measure_locked_memory(n: int) -> list[dict[str, Any]]:
+    rows = []
+    methods = ("plain", "plain_ckpt", "dga", "dga_ckpt", "dga_locked_image", "dga_locked_image_recompute")
+    for method in methods:
+        out = subprocess.run(
+            [sys.executable, __file__, "--locked-memory-worker", method, str(n)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"memory {method:28s} N={n}: peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
+              f"step +{rows[-1]['step_delta_mb']:.0f} MiB", flush=True)
+    return rows
+
+
+def _merge_results(update: dict[str, Any]) -> None:
+    """Merge keys into bench/results/dga.json, keeping every other key."""
+    path = RESULTS / "dga.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(res.get(key), dict):
+            res[key] = {**res[key], **value}
+        else:
+            res[key] = value
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def run_locked_time(repeats: int) -> None:
+    """The locked-tower step-time figures, merged into dga.json as soon as they are measured."""
+    t0 = time.perf_counter()
+    locked = measure_locked(8, repeats)
+    locked["measured"] = (
+        f"python bench/bench_dga.py --locked: CPU time (time.process_time, 1 thread) per optimizer step, "
+        f"median of {repeats} interleaved repeats after a warm-up; model {MODEL_CFG}, sub-batch {SUB_BATCH}; "
+        f"torch {torch.__version__}"
+    )
+    locked["bench_seconds"] = time.perf_counter() - t0
+    _merge_results({"locked": locked, **{k: v for k, v in locked.items() if k.endswith("_k8")}})
+
+
+def run_locked_memory() -> None:
+    """Peak memory with a locked image tower and with gradient checkpointing (N = 8 sub-batches)."""
+    memory = measure_locked_memory(8 * SUB_BATCH)
+    mem = {r["method"]: r["step_delta_mb"] for r in memory}
+    _merge_results(
+        {
+            "locked": {
+                "memory": memory,
+                "memory_measured": "peak RSS (VmHWM) of one step in a fresh process, 2 threads, N = 256",
+            },
+            "grad_checkpointing_step_delta_mb": {m: mem[m] for m in ("plain", "plain_ckpt", "dga", "dga_ckpt")},
+        }
+    )
+
+
 # ------------------------------------------------------------------------------------------ report
 def write_report(res: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -552,6 +713,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("METHOD", "N"))
     parser.add_argument("--report-only", action="store_true", help="rewrite dga.md/png from dga.json")
+    parser.add_argument("--locked", action="store_true", help="only the locked-tower / checkpointing figures")
+    parser.add_argument("--locked-memory", action="store_true", help="only the locked / checkpointing memory")
+    parser.add_argument("--locked-memory-worker", nargs=2, metavar=("METHOD", "N"))
     parser.add_argument("--ddp-memory", action="store_true", help="only the 2-process DDP memory part")
     parser.add_argument("--src", help="with --ddp-memory: measure the code in this src folder instead")
     parser.add_argument("--ddp-memory-worker", nargs=3, type=int, metavar=("RANK", "PORT", "BUCKET_VIEW"))
@@ -566,6 +730,14 @@ def main() -> None:
         rows = [r for r in res.get("ddp_memory", []) if r["src"] != (args.src or "this checkout")]
         res["ddp_memory"] = rows + measure_ddp_memory(args.src)
         path.write_text(json.dumps(res, indent=2) + "\n")
+        return
+    if args.locked_memory_worker:
+        print(json.dumps(locked_memory_worker(args.locked_memory_worker[0], int(args.locked_memory_worker[1]))))
+        return
+    if args.locked or args.locked_memory:
+        if not args.locked_memory:
+            run_locked_time(repeats=2 if args.quick else 3)
+        run_locked_memory()
         return
     if args.report_only:
         write_report(json.loads((RESULTS / "dga.json").read_text()))
@@ -593,6 +765,8 @@ def main() -> None:
     res["time"] = measure_time(ks, repeats=2 if args.quick else 4)
     res["config"]["bench_seconds"] = time.perf_counter() - t0
     write_report(res)
+    run_locked_time(repeats=2 if args.quick else 3)  # merges its keys into the dga.json just written
+    run_locked_memory()
     print((RESULTS / "dga.md").read_text())
 
 

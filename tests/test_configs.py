@@ -158,6 +158,7 @@ GROUPS = (
     "paths",
     "experiment",
     "hparams_search",
+    "loss",
 )
 GROUP_OPTIONS = [(g, o) for g in GROUPS if (CONF_DIR / g).is_dir() for o in options(g)]
 
@@ -181,6 +182,8 @@ def test_every_group_option_composes(group: str, option: str, tmp_path: Path) ->
     assert cfg.hydra.runtime.choices[group] == option
     if group == "method":  # `# @package module`: options of the training step, merged into the module
         assert "_target_" in cfg.module
+    elif group == "loss":  # `# @package _global_`: the module's loss and the model keys it needs
+        assert cfg.module.loss == option
     elif group not in ("experiment", "hparams_search", "paths", "callbacks", "logger"):
         node = cfg[group]
         assert "_target_" in node, f"conf/{group}/{option}.yaml has no _target_"

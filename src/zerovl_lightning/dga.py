@@ -22,6 +22,10 @@ One step over K sub-batches per rank (global batch N = W·K·b):
    W. The caller's ``backward`` must prepare the reducer when sync is on (Lightning's ``manual_backward``
    does; with a bare ``DistributedDataParallel`` call ``ddp.reducer.prepare_for_backward([])`` first).
 
+The loss plugs in as a :class:`DGAObjective` (embedding gradients + its own parameters' gradients): InfoNCE by
+default, SigLIP via ``siglip_loss.SigLipObjective``. A :class:`TowerCache` (``locked_cache.LockedTowerCache``)
+lets pass 2 replay the locked parts of the towers recorded in pass 1 instead of recomputing them.
+
 Exact for any per-sample stochastic layer (dropout, drop-path, patch dropout) thanks to the RNG replay. Layers
 coupling samples in train mode (BatchNorm batch statistics) see sub-batches, so DGA is exact for the loss
 *with sub-batch statistics*, not for a full-batch BatchNorm.
@@ -32,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -50,6 +54,51 @@ Encode = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 # Computes this rank's loss share and ∂L/∂(local embeddings) from gathered detached embeddings: the seam where
 # an objective plugs in (same signature as loss.embedding_gradients).
 GradFn = Callable[..., EmbeddingGrads]
+
+
+class DGAObjective(Protocol):
+    """The seam between DGA and a loss: embedding gradients from the cached embeddings, and the loss's own
+    parameters (logit_scale, logit_bias…) paired with this rank's additive share of their gradient."""
+
+    def embedding_gradients(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        all_image_emb: torch.Tensor,
+        all_text_emb: torch.Tensor,
+        offset: int,
+        targets: SoftTargets | None,
+        world: WorldInfo,
+        closed_form: bool,
+    ) -> EmbeddingGrads: ...
+
+    def parameter_gradients(self, grads: EmbeddingGrads) -> list[tuple[nn.Parameter, torch.Tensor]]: ...
+
+
+@dataclass
+class InfoNCEObjective:
+    """Symmetric InfoNCE (loss.py) as a :class:`DGAObjective`; its one parameter is logit_scale."""
+
+    logit_scale: nn.Parameter
+
+    def embedding_gradients(self, u_loc, v_loc, u_all, v_all, offset, targets, world, closed_form):
+        fn = embedding_gradients if closed_form else embedding_gradients_autograd
+        return fn(u_loc, v_loc, u_all, v_all, self.logit_scale.detach(), offset, targets, world)
+
+    def parameter_gradients(self, grads: EmbeddingGrads) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(self.logit_scale, grads.grad_logit_scale)]
+
+
+class TowerCache(Protocol):
+    """Pass-1 outputs of locked tower parts, replayed in pass 2 instead of recomputed (locked_cache.py)."""
+
+    def begin(self, num_sub_batches: int) -> None: ...
+
+    def record(self, k: int) -> AbstractContextManager[None]: ...
+
+    def replay(self, k: int) -> AbstractContextManager[None]: ...
+
+    def clear(self) -> None: ...
 
 
 @dataclass
@@ -146,6 +195,8 @@ class DecoupledStep:
         backward: Callable[[torch.Tensor], None] = _default_backward,
         world: WorldInfo | None = None,
         no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+        objective: DGAObjective | None = None,
+        tower_cache: TowerCache | None = None,
     ) -> DGAResult:
         """Accumulate ∂L/∂θ of the full-batch loss into ``.grad`` of ``model``'s parameters; return the loss.
 
@@ -155,6 +206,8 @@ class DecoupledStep:
         (log 1/τ) gets its gradient iff it requires grad. ``backward`` receives one scalar per sub-batch.
         ``no_sync``: under a process group, the DDP wrapper's ``no_sync`` (required there): DDP's reducer
         then reduces once, on the last backward.
+        ``objective``: the loss (default InfoNCE on ``logit_scale``; SigLIP: siglip_loss.SigLipObjective).
+        ``tower_cache``: records locked tower parts in pass 1 and replays them in pass 2 (locked_cache.py).
         """
         world = world if world is not None else world_info()
         if world.distributed and no_sync is None:
@@ -162,6 +215,9 @@ class DecoupledStep:
                 "DecoupledStep under a process group needs the DDP wrapper's no_sync (no_sync=ddp.no_sync): "
                 "DDP's reducer does the one gradient reduction"
             )
+        objective = objective if objective is not None else InfoNCEObjective(logit_scale)
+        cache_ctx = tower_cache if tower_cache is not None else _NoCache()
+        cache_ctx.begin(len(sub_batches))
         device = logit_scale.device
         last = len(sub_batches) - 1
         keep_last = self.keep_last_graph and not has_running_stats(model)
@@ -179,7 +235,7 @@ class DecoupledStep:
                     kept = encode(sub)
                 u, v = kept[0].detach(), kept[1].detach()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), cache_ctx.record(k):
                     u, v = encode(sub)
             image_cache.append(to_fp32(u))  # [b, D]
             text_cache.append(to_fp32(v))
@@ -194,7 +250,7 @@ class DecoupledStep:
         uv_all = all_gather_no_grad(torch.stack([u_loc, v_loc], dim=1), world)  # [N, 2, D]
         u_all, v_all = uv_all[:, 0], uv_all[:, 1]  # [N, D]
         offset = world.rank * u_loc.shape[0]
-        grads = self.embedding_gradients()(u_loc, v_loc, u_all, v_all, logit_scale.detach(), offset, targets, world)
+        grads = objective.embedding_gradients(u_loc, v_loc, u_all, v_all, offset, targets, world, self.closed_form)
         del uv_all, u_all, v_all
 
         # ---- pass 2: back-propagate the cached gradients (kept graph first, then replayed forwards)
@@ -202,7 +258,6 @@ class DecoupledStep:
         scale = float(world.world_size)
         g_image = (grads.grad_image * scale).split(sizes)
         g_text = (grads.grad_text * scale).split(sizes)
-        g_logit_scale = grads.grad_logit_scale * scale
         order = ([last] if kept is not None else []) + [
             k for k in range(last + 1) if kept is None or k != last
         ]
@@ -213,16 +268,17 @@ class DecoupledStep:
             else:
                 if self.replay_rng:
                     rng_states[k].restore()
-                with torch.enable_grad():
+                with torch.enable_grad(), cache_ctx.replay(k):
                     u, v = encode(sub_batches[k])
             synced = i == len(order) - 1  # the one backward DDP's reducer reduces
             with torch.enable_grad():
                 surrogate = (to_fp32(u) * g_image[k]).sum() + (to_fp32(v) * g_text[k]).sum()
-                if synced and logit_scale.requires_grad:  # on the synced backward: DDP waits for every param
-                    surrogate = surrogate + logit_scale * g_logit_scale.to(logit_scale.dtype)
+                if synced:  # the loss's own parameters (τ, SigLIP's b) on the synced backward: DDP waits for them
+                    surrogate = surrogate + _parameter_surrogate(objective.parameter_gradients(grads), scale)
             with nullcontext() if synced or no_sync is None else no_sync():
                 backward(surrogate)
             del u, v, surrogate
+        cache_ctx.clear()
         if self.replay_rng:
             rng_after.restore()  # the stream continues as after one pass, whatever pass 2 drew
 
@@ -237,3 +293,27 @@ class DecoupledStep:
 def _restore_buffers(model: nn.Module, saved: Sequence[torch.Tensor]) -> None:
     for b, s in zip(model.buffers(), saved):
         b.copy_(s)
+
+
+def _parameter_surrogate(
+    pairs: Sequence[tuple[nn.Parameter, torch.Tensor]], scale: float = 1.0
+) -> torch.Tensor | float:
+    """Σ p·(scale·g) over the loss's trainable parameters: back-propagates exactly scale·g into p.grad (scale = W
+    under DDP, whose reducer averages the ranks' additive shares)."""
+    return sum((p * (g * scale).to(p.dtype)).sum() for p, g in pairs if p.requires_grad)
+
+
+class _NoCache:
+    """The :class:`TowerCache` of a model without locked towers: records and replays nothing."""
+
+    def begin(self, num_sub_batches: int) -> None:
+        pass
+
+    def record(self, k: int) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def replay(self, k: int) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def clear(self) -> None:
+        pass

@@ -59,6 +59,8 @@ def open_clip_model_config(model: DualEncoder) -> dict[str, Any]:
     text["context_length"] = model.context_length
     if "timm_model_name" in vision:
         vision["timm_model_pretrained"] = False  # the checkpoint holds the weights
+    if model.logit_bias is not None:  # SigLIP: open_clip builds (then loads) its logit_bias from this key
+        cfg["init_logit_bias"] = float(model.logit_bias.detach())
     return _jsonable(cfg)
 
 

@@ -120,8 +120,11 @@ class DualEncoder(nn.Module):
         with torch.no_grad():
             self.clip.logit_scale.fill_(math.log(1.0 / temperature))
         self.clip.logit_scale.requires_grad_(learn_temperature)
-        if getattr(self.clip, "logit_bias", None) is not None:
-            raise ValueError("SigLIP-style models (logit_bias) are not supported: ZeroVL uses InfoNCE")
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """SigLIP's learnable bias b (open_clip's ``init_logit_bias``); None for InfoNCE models."""
+        return getattr(self.clip, "logit_bias", None)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -200,6 +203,8 @@ def build_dual_encoder(
     lock_image_unlocked_groups: int = 0,
     lock_text: bool = False,
     lock_text_unlocked_layers: int = 0,
+    grad_checkpointing: bool = False,
+    init_logit_bias: float | None = None,
     **create_kwargs: Any,
 ) -> DualEncoder:
     """Build a :class:`DualEncoder` offline.
@@ -219,6 +224,11 @@ def build_dual_encoder(
             image tower's own normalisation when it was pretrained with other statistics than CLIP's.
         lock_image / lock_text: freeze a pretrained tower except its last ``*_unlocked_*`` groups/layers
             (open_clip's LiT-style locking; projections stay trainable) — fast CPU alignment of unimodal towers.
+            Locked BatchNorms keep their running statistics (:meth:`DualEncoder.train`); under DGA the locked
+            parts run once per step (locked_cache.py).
+        grad_checkpointing: open_clip's ``set_grad_checkpointing`` (recompute each block in backward; exact,
+            dropout included: the checkpoint replays the RNG).
+        init_logit_bias: SigLIP's bias b (−10 in SigLIP; ``loss=siglip``); None = no bias (InfoNCE).
     """
     if model_cfg is not None:
         cfg = copy.deepcopy(dict(to_plain(model_cfg)))
@@ -238,6 +248,8 @@ def build_dual_encoder(
         raise ValueError(f"pretrained must be a local checkpoint file, got {pretrained!r} (no hub downloads)")
 
     kwargs: dict[str, Any] = dict(create_kwargs)
+    if init_logit_bias is not None:
+        kwargs["init_logit_bias"] = float(init_logit_bias)
     if preprocess_cfg is not None:
         kwargs["force_preprocess_cfg"] = dict(to_plain(preprocess_cfg))
     if model_cfg is None and image_size is not None:
@@ -268,6 +280,8 @@ def build_dual_encoder(
     if lock_text:
         clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
         _keep_trainable(getattr(clip, "text_projection", None))
+    if grad_checkpointing:
+        clip.set_grad_checkpointing(True)
 
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature, tuple(temperature_range))

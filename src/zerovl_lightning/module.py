@@ -15,10 +15,12 @@ from torch.nn.parallel import DistributedDataParallel
 from zerovl_lightning.assets import to_plain, to_portable
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
+from zerovl_lightning.locked_cache import LockedTowerCache
 from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
 from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair
 from zerovl_lightning.model import DualEncoder
+from zerovl_lightning.siglip_loss import SigLipLoss, SigLipObjective
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,10 @@ DEFAULT_DGA: dict[str, Any] = {
     "gradient_clip_val": None,
     "gradient_clip_algorithm": "norm",
     "keep_last_graph": True,
+    "locked_cache": True,  # locked tower parts run once per step (pass 1), replayed in pass 2
+    "locked_cache_mb": 2048.0,  # refuse a step whose locked-tower cache would exceed this (per rank)
 }
+LOSSES = ("infonce", "siglip")
 
 
 class ZeroVLModule(L.LightningModule):
@@ -60,6 +65,7 @@ class ZeroVLModule(L.LightningModule):
         sub_batch_size: int | None = None,
         mixup: Mapping[str, Any] | None = None,
         dga: Mapping[str, Any] | None = None,
+        loss: str = "infonce",
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
@@ -78,7 +84,9 @@ class ZeroVLModule(L.LightningModule):
                 "gather_with_grad": gather_with_grad,
             }
         )
-        self.loss_fn = ContrastiveLoss(gather_with_grad=gather_with_grad)
+        self.loss_name = _check_loss(loss, self.model)
+        self.loss_fn = (SigLipLoss if self.loss_name == "siglip" else ContrastiveLoss)(gather_with_grad)
+        self.save_hyperparameters({"loss": self.loss_name})
 
         # Coin-flipping mixup (off unless configured); decoupled gradient accumulation iff sub_batch_size.
         mixup_cfg = dict(to_plain(mixup) or {"enabled": False})
@@ -92,6 +100,13 @@ class ZeroVLModule(L.LightningModule):
             keep_last_graph=self.dga_cfg["keep_last_graph"],
         )
         self.automatic_optimization = self.sub_batch_size is None
+        self.tower_cache = (
+            LockedTowerCache.for_model(self.model, float(self.dga_cfg["locked_cache_mb"]))
+            if self.sub_batch_size is not None and self.dga_cfg["locked_cache"]
+            else None
+        )
+        if self.tower_cache is not None:
+            log.info("DGA pass 2 replays the locked parts, not recomputing them (%s)", self.tower_cache.describe())
         self.save_hyperparameters(
             {"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg}
         )
@@ -107,7 +122,7 @@ class ZeroVLModule(L.LightningModule):
         image_emb, text_emb = encode_pair(self.model, images, tokens, plan)
         world = world_info()
         targets = self.mixup.targets(plan, images.shape[0], None, world.rank, world.world_size, images.device)
-        loss = self.loss_fn(image_emb, text_emb, self.model.logit_scale.exp(), targets)
+        loss = self._loss(image_emb, text_emb, targets)
         self._log_step(loss, batch_size=images.shape[0], lr=lr)
         self._log_mixup(plan, batch_size=images.shape[0])
         return loss
@@ -148,6 +163,8 @@ class ZeroVLModule(L.LightningModule):
                 backward=self.manual_backward,
                 world=world,
                 no_sync=no_sync,
+                objective=self._dga_objective(),
+                tower_cache=self.tower_cache,
             )
             result["loss"] = res.loss
             return res.loss
@@ -161,6 +178,18 @@ class ZeroVLModule(L.LightningModule):
         self._log_mixup(plan, batch_size=n)
         self.log("train/sub_batches", float(len(subs)), batch_size=n)
         return loss
+
+    def _loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The plain step's loss (this rank's local mean): InfoNCE or SigLIP (``module.loss``)."""
+        if self.loss_name == "siglip":
+            return self.loss_fn(image_emb, text_emb, self.model.logit_scale.exp(), self.model.logit_bias, targets)
+        return self.loss_fn(image_emb, text_emb, self.model.logit_scale.exp(), targets)
+
+    def _dga_objective(self) -> Any:
+        """The loss as DGA sees it (dga.DGAObjective); None = InfoNCE on logit_scale."""
+        if self.loss_name == "siglip":
+            return SigLipObjective(self.model.logit_scale, self.model.logit_bias)
+        return None
 
     def _log_mixup(self, plan: MixupPlan, batch_size: int) -> None:
         if self.mixup.enabled:
@@ -212,6 +241,8 @@ class ZeroVLModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch_size)
         temperature = torch.exp(-self.model.logit_scale.detach())
         self.log("train/temperature", temperature, batch_size=batch_size)
+        if self.loss_name == "siglip":
+            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
         if lr is not None:
             self.log("train/lr", lr, prog_bar=True, batch_size=batch_size)
         self.log(
@@ -257,3 +288,20 @@ class ZeroVLModule(L.LightningModule):
 def batch_size(batch: Mapping[str, Any]) -> int:
     """Pairs in a training batch (``ThroughputMonitor(batch_size_fn=...)``, conf/callbacks/throughput.yaml)."""
     return int(batch["image"].shape[0])
+
+
+def _check_loss(loss: str, model: nn.Module) -> str:
+    """``module.loss`` must match the model: SigLIP needs open_clip's logit bias, InfoNCE must not have one."""
+    if loss not in LOSSES:
+        raise ValueError(f"module.loss={loss!r} is not one of {LOSSES}")
+    has_bias = getattr(model, "logit_bias", None) is not None
+    if loss == "siglip" and not has_bias:
+        raise ValueError(
+            "module.loss=siglip needs a model with a logit bias: set model.init_logit_bias (loss=siglip does)"
+        )
+    if loss == "infonce" and has_bias:
+        raise ValueError(
+            "the model has a logit bias (model.init_logit_bias) that InfoNCE would never train: use loss=siglip "
+            "or set model.init_logit_bias=null"
+        )
+    return loss

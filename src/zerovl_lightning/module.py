@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from zerovl_lightning.assets import to_plain
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
+from zerovl_lightning.eval.validation import RetrievalValidation
 from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
 from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair
@@ -60,6 +61,7 @@ class ZeroVLModule(L.LightningModule):
         sub_batch_size: int | None = None,
         mixup: Mapping[str, Any] | None = None,
         dga: Mapping[str, Any] | None = None,
+        retrieval: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
@@ -97,6 +99,10 @@ class ZeroVLModule(L.LightningModule):
         self.save_hyperparameters(
             {"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg}
         )
+        # Zero-shot retrieval in the validation loop (options: ks, chunk_size, ties); sets come from val_dataloader.
+        retrieval_cfg = dict(to_plain(retrieval) or {})
+        self.retrieval = RetrievalValidation(**retrieval_cfg)
+        self.save_hyperparameters({"retrieval": retrieval_cfg})
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -232,6 +238,27 @@ class ZeroVLModule(L.LightningModule):
             seconds = time.perf_counter() - self._step_started
             n = batch["image"].shape[0] * self.trainer.world_size
             self.log("train/samples_per_sec", n / max(seconds, 1e-9), batch_size=batch["image"].shape[0])
+
+    # ---------------------------------------------------------------- validation (zero-shot retrieval)
+    def on_validation_epoch_start(self) -> None:
+        self.retrieval.reset()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Encode this rank's images of one retrieval set (each once) and their captions into the set's metric."""
+        self.retrieval.update(self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """Compute every set (states synced across ranks) and log ``val/<set>/<metric>``.
+
+        The values are identical on every rank; ``reduce_fx="max"`` keeps them bit-exact under ``sync_dist``
+        (a mean of W copies may round), and float64 tensors keep them exact in the loggers (a float is logged
+        as float32).
+        """
+        self.retrieval.validated_step = int(self.global_step)
+        for name, metrics in self.retrieval.compute().items():
+            for key in self.retrieval.log_keys:
+                value = torch.tensor(metrics[key], dtype=torch.float64, device=self.device)
+                self.log(f"val/{name}/{key}", value, sync_dist=True, reduce_fx="max")
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

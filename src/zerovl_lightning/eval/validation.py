@@ -53,7 +53,8 @@ class RetrievalValidation(nn.Module):
         """Encode one batch in fp32 (autocast off) and add it; padding rows (image id < 0) are dropped."""
         with evaluating(model) as ev:
             keep = batch["image_id"] >= 0
-            image_emb = model.encode_image(ev.images(batch["image"][keep])).float()  # [Bi, D]
+            # padding rows are encoded too (a blank image, never decoded) so an all-padding batch has a shape
+            image_emb = model.encode_image(ev.images(batch["image"])).float()[keep.to(ev.device)]  # [Bi, D]
             if batch["caption"]:
                 text_emb = model.encode_text(model.tokenize(batch["caption"]).to(ev.device)).float()  # [Bt, D]
             else:  # a padding-only batch: still contribute (empty) states to the DDP sync

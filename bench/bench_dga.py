@@ -9,8 +9,12 @@ Writes bench/results/dga.json, dga.md and dga.png. Comparisons, all on the same 
   contrastive loss — cheaper, not the full-batch gradient) vs OpenCLIP's own
   ``open_clip_train.train.train_one_epoch`` with ``accum_freq=K`` (one optimizer step = K micro-batches).
 - gradient error vs a full-batch autograd step, temperature included, without and with dropout.
+- ``--ddp-memory`` (only this part; merged into dga.json under ``ddp_memory``): peak RSS of one DGA step in each
+  of 2 gloo processes, DDP-wrapped, on a model with 38 M parameters (152 MB of fp32 gradients, so a second
+  copy shows). ``--src PATH`` runs the same measurement against another checkout's ``src`` (the code before
+  DDP's reducer did the reduction: its own coalesced all-reduce after pass 2, inside ``no_sync``).
 
-Usage: ``python bench/bench_dga.py [--quick]``.
+Usage: ``python bench/bench_dga.py [--quick] [--ddp-memory [--src PATH]]``.
 """
 
 from __future__ import annotations
@@ -214,6 +218,111 @@ def measure_memory(ns: list[int]) -> list[dict[str, float]]:
                 f"step +{rows[-1]['step_delta_mb']:.0f} MiB",
                 flush=True,
             )
+    return rows
+
+
+# ------------------------------------------------------------------------- 2-process DDP memory
+DDP_MODEL_CFG: dict[str, Any] = {  # big embedding + few layers: many gradient bytes, little compute
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 512, "head_width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 2},
+}
+DDP_LOCAL, DDP_SUB = 32, 8  # per rank: K = 4 sub-batches
+
+
+def ddp_memory_worker(rank: int, world: int, port: int, gradient_as_bucket_view: bool) -> dict[str, Any]:
+    """Second DGA step (K = 4) of a DDP-wrapped model on this rank: peak RSS and its increase over the start."""
+    import inspect
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from zerovl_lightning.dga import DecoupledStep, split_batch
+    from zerovl_lightning.model import build_dual_encoder
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_dual_encoder("bench-ddp", DDP_MODEL_CFG, temperature=TEMPERATURE, learn_temperature=True)
+    model.train()
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=gradient_as_bucket_view)
+    g = torch.Generator().manual_seed(1 + rank)
+    tokens = torch.randint(1, 49407, (DDP_LOCAL, 16), generator=g)
+    batch = {"image": torch.randn(DDP_LOCAL, 3, 32, 32, generator=g), "text": tokens}
+    subs = split_batch(batch, DDP_SUB)
+
+    def enc(sub):
+        return model.encode_image(sub["image"]), model.encode_text(sub["text"])
+
+    def backward(t: torch.Tensor) -> None:  # what Lightning's manual_backward does for DDP
+        if ddp.require_backward_grad_sync:
+            ddp.reducer._rebuild_buckets()
+            ddp.reducer.prepare_for_backward([])
+        t.backward()
+
+    new_api = "no_sync" in inspect.signature(DecoupledStep.__call__).parameters
+
+    def step() -> None:
+        # bucket views stay views only if zeroed in place (the module does the same)
+        model.zero_grad(set_to_none=not (new_api and gradient_as_bucket_view))
+        if new_api:  # DDP's reducer reduces on the last backward
+            DecoupledStep()(model, enc, subs, model.logit_scale, backward=backward, no_sync=ddp.no_sync)
+        else:  # the old path, as the module ran it: no_sync for the whole step + its own coalesced all-reduce
+            with ddp.no_sync():
+                DecoupledStep()(model, enc, subs, model.logit_scale)
+
+    step()  # the first step allocates gradients / touches DDP's buckets; measure the steady-state second
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_mb("VmRSS")
+    start = time.process_time()
+    step()
+    cpu = time.process_time() - start
+    peak = _status_mb("VmHWM")
+    grad_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    dist.destroy_process_group()
+    return {
+        "rank": rank,
+        "reduction": "ddp_reducer" if new_api else "own_coalesced_all_reduce",
+        "gradient_as_bucket_view": gradient_as_bucket_view,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "step_delta_mb": peak - before,
+        "grad_mb": grad_mb,
+        "cpu_seconds": cpu,
+    }
+
+
+def measure_ddp_memory(src: str | None) -> list[dict[str, Any]]:
+    """Both ranks in fresh processes per variant (the PYTHONPATH of ``src`` selects the code under test)."""
+    import os
+    import socket
+
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    rows = []
+    for gav in (False, True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--ddp-memory-worker", str(r), str(port), str(int(gav))],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+            )
+            for r in range(2)
+        ]
+        for p in procs:
+            out, _ = p.communicate()
+            if p.returncode:
+                raise RuntimeError(f"ddp memory worker failed ({p.returncode})")
+            row = json.loads(out.strip().splitlines()[-1])
+            row["src"] = src or "this checkout"
+            rows.append(row)
+            print(f"ddp memory {row['reduction']} bucket_view={gav} rank {row['rank']}: peak "
+                  f"{row['peak_rss_mb']:.0f} MiB, step +{row['step_delta_mb']:.0f} MiB "
+                  f"(gradients {row['grad_mb']:.0f} MiB)", flush=True)
     return rows
 
 
@@ -443,7 +552,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("METHOD", "N"))
     parser.add_argument("--report-only", action="store_true", help="rewrite dga.md/png from dga.json")
+    parser.add_argument("--ddp-memory", action="store_true", help="only the 2-process DDP memory part")
+    parser.add_argument("--src", help="with --ddp-memory: measure the code in this src folder instead")
+    parser.add_argument("--ddp-memory-worker", nargs=3, type=int, metavar=("RANK", "PORT", "BUCKET_VIEW"))
     args = parser.parse_args()
+    if args.ddp_memory_worker:
+        rank, port, gav = args.ddp_memory_worker
+        print(json.dumps(ddp_memory_worker(rank, 2, port, bool(gav))))
+        return
+    if args.ddp_memory:
+        path = RESULTS / "dga.json"
+        res = json.loads(path.read_text())
+        rows = [r for r in res.get("ddp_memory", []) if r["src"] != (args.src or "this checkout")]
+        res["ddp_memory"] = rows + measure_ddp_memory(args.src)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        return
     if args.report_only:
         write_report(json.loads((RESULTS / "dga.json").read_text()))
         return

@@ -22,6 +22,32 @@ pytestmark = [pytest.mark.ddp, pytest.mark.xdist_group("ddp_loss")]  # one worke
 WORLD, LOCAL = 2, 4  # 2 ranks × 4 samples = global batch 8
 MIXUP_SEED = 42
 DGA_PLAN = MixupPlan(0.35, "image")
+TOL64 = 1e-10  # float64 agreement is ~1e-15 (measured: ≤ 3.6e-15)
+
+
+def _counting_hook(calls: list[int]):
+    """A DDP comm hook that records each bucket it all-reduces (then does DDP's default average)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    return hook
+
+
+def _bare_ddp_backward(ddp: DistributedDataParallel, calls: list[int], per_backward: list[int]):
+    """What Lightning's ``manual_backward`` does for a bare DDP wrapper: prepare the reducer when synced."""
+
+    def backward(t: torch.Tensor) -> None:
+        before = len(calls)
+        if ddp.require_backward_grad_sync:
+            ddp.reducer._rebuild_buckets()
+            ddp.reducer.prepare_for_backward([])
+        t.backward()
+        per_backward.append(len(calls) - before)
+
+    return backward
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
@@ -84,9 +110,13 @@ def _worker(rank: int, world_size: int) -> dict:
             loss.backward()
         out[name] = (loss.detach(), _grads(model))
 
-    # 3. DGA, K = 2 sub-batches per rank (float64): hard targets, mixup inside sub-batches, autograd oracle
+    # 3. DGA, K = 2 sub-batches per rank (float64): hard targets, mixup inside sub-batches, autograd oracle;
+    # DDP's reducer (small buckets, so there are several) reduces, once, on the last backward
     batch64 = _local(_global_batch(torch.float64), rank)
     model64 = _model(torch.float64)
+    ddp64 = DistributedDataParallel(model64, bucket_cap_mb=0.05)
+    calls: list[int] = []
+    ddp64.register_comm_hook(None, _counting_hook(calls))
     subs = split_batch(batch64, LOCAL // 2)
     targets = SoftTargets(DGA_PLAN.alpha, global_partner(LOCAL, 2, rank, world_size))
     for name, plan, tg, closed in (
@@ -95,15 +125,19 @@ def _worker(rank: int, world_size: int) -> dict:
         ("dga_mixup_oracle", DGA_PLAN, targets, False),
     ):
         model64.zero_grad(set_to_none=True)
+        calls.clear()
+        per_backward: list[int] = []
         res = DecoupledStep(closed_form=closed)(
             model64,
             lambda s, plan=plan: encode_pair(model64, s["image"], s["text"], plan),
             subs,
             model64.logit_scale,
             tg,
+            backward=_bare_ddp_backward(ddp64, calls, per_backward),
+            no_sync=ddp64.no_sync,
         )
         out[name] = (res.loss, _grads(model64))
-        out[name + "_reduces"] = res.num_all_reduces
+        out[name + "_reduces"] = (list(calls), per_backward)
 
     # 4. the LightningModule's DGA path under Lightning's own DDP strategy (2 steps: the reducer stays clean)
     out["lightning"] = _lightning_dga(rank)
@@ -121,13 +155,41 @@ def _lightning_dga(rank: int) -> dict:
     from test_dga import _Capture, _zerovl_module
     from torch.utils.data import DataLoader
 
+    from zerovl_lightning.train import SeedPerRank
+
+    class Reductions(L.Callback):
+        """Buckets DDP's reducer all-reduces, per step and per backward; each rank's RNG state per step."""
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+            self.per_step: list[list[int]] = []
+            self.per_backward: list[int] = []
+            self.rng: list[torch.Tensor] = []
+
+        def on_train_start(self, trainer, pl_module):
+            trainer.strategy.model.register_comm_hook(None, _counting_hook(self.calls))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rng.append(torch.get_rng_state())
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self._before = len(self.calls)
+
+        def on_after_backward(self, trainer, pl_module):
+            self.per_backward.append(len(self.calls) - self._before)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.per_step.append(list(self.calls))
+            self.calls.clear()
+
     mixup = {"enabled": True, "seed": _lightning_mixup_seed(), "modalities": ["text"]}
     module = _zerovl_module(sub_batch_size=2, mixup=mixup)
-    cap = _Capture()
+    cap, red = _Capture(), Reductions()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=DDPStrategy(process_group_backend="gloo"),
+        # small buckets (several per step) as views of the gradients: DDP's reducer reduces in place
+        strategy=DDPStrategy(process_group_backend="gloo", bucket_cap_mb=0.05, gradient_as_bucket_view=True),
         precision="64-true",
         max_steps=2,
         use_distributed_sampler=False,
@@ -135,12 +197,19 @@ def _lightning_dga(rank: int) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[cap],
+        callbacks=[cap, red, SeedPerRank(MIXUP_SEED)],
     )
     batch = _local(_global_batch(torch.float32), rank)
     trainer.fit(module, DataLoader([batch, batch], batch_size=None))
     params = {k: p.detach().clone() for k, p in module.model.named_parameters()}
-    return {"grads": cap.grads, "params": params, "steps": trainer.global_step}
+    return {
+        "grads": cap.grads,
+        "params": params,
+        "steps": trainer.global_step,
+        "reductions": red.per_step,
+        "per_backward": red.per_backward,
+        "rng": red.rng,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +269,15 @@ def test_dga_ddp_step_equals_single_process(ddp_results, case):
         targets = SoftTargets(DGA_PLAN.alpha, global_partner(WORLD * LOCAL, block=2))
         ref = _reference(torch.float64, DGA_PLAN, block=2, targets=targets)
     for rank_result in ddp_results:
-        _assert_close(rank_result[case], ref, 1e-6)  # the loss returned by DGA is already the full loss
-        assert rank_result[case + "_reduces"] >= 1
+        _assert_close(rank_result[case], ref, TOL64)  # the loss returned by DGA is already the full loss
+        buckets, per_backward = rank_result[case + "_reduces"]
+        # DDP's reducer, not a copy: every bucket all-reduced exactly once per step, all on the last backward
+        assert sorted(buckets) == list(range(len(buckets)))
+        assert per_backward == [0, len(buckets)]  # K = 2 backwards: the first in no_sync
 
 
 def test_lightning_ddp_dga_step_equals_single_process(ddp_results):
-    """Lightning's DDP strategy + the module's DGA path (no_sync + one all-reduce) + mixup, float64."""
+    """Lightning's DDP strategy + the module's DGA path (DDP's reducer, once per step) + mixup, float64."""
     from test_dga import _zerovl_module
 
     plan = CoinFlipMixup(seed=_lightning_mixup_seed()).plan(0)
@@ -221,6 +293,24 @@ def test_lightning_ddp_dga_step_equals_single_process(ddp_results):
     for res in (r0, r1):
         for name, g_ref in ref.items():
             err = float((res["grads"][0][name] - g_ref).norm() / g_ref.norm())
-            assert err <= 1e-6, (name, err)
+            assert err <= TOL64, (name, err)
     for name, p in r0["params"].items():  # the ranks stay in sync over both steps
         assert torch.equal(p, r1["params"][name]), name
+    for res in (r0, r1):  # DDP's reducer: each bucket once per step, all on the last of the K = 2 backwards
+        (first, second) = res["reductions"]
+        assert sorted(first) == list(range(len(first)))  # step 0: DDP's 1 MiB first bucket holds the model
+        assert len(second) > 1 and sorted(second) == list(range(len(second)))  # rebuilt at 0.05 MB
+        assert res["per_backward"] == [0, len(first), 0, len(second)]
+
+
+def test_ranks_draw_different_randomness(ddp_results):
+    """SeedPerRank: seed + rank after the model is built, so dropout masks differ between ranks."""
+    r0, r1 = (r["lightning"] for r in ddp_results)
+    assert not torch.equal(r0["rng"][0], r1["rng"][0])
+    masks = []
+    for res in (r0, r1):
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(res["rng"][0])
+            masks.append(torch.nn.functional.dropout(torch.ones(256), 0.5))
+    assert not torch.equal(masks[0], masks[1])
+    # yet both ranks hold identical weights (the DGA test above) and identical mixup plans

@@ -110,3 +110,10 @@ def test_locked_tower_keeps_batchnorm_statistics_and_activations():
     assert model.clip.visual.head.proj.weight.requires_grad
     u = model.encode_image(torch.randn(8, 3, 32, 32))
     assert u.std(dim=0).mean() > 1e-3  # a tower without its activations collapses to one embedding
+
+
+def test_locked_native_towers_keep_their_projections_trainable():
+    """open_clip's ViT / text transformer lock their projections too; locked-tower alignment trains exactly those."""
+    model = build_tiny(lock_image=True, lock_text=True, learn_temperature=False)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["clip.text_projection", "clip.visual.proj"]

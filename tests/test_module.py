@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ThroughputMonitor
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from zerovl_lightning.model import TINY_MODEL_CFG, build_tiny
 from zerovl_lightning.module import ZeroVLModule
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = {"_target_": "zerovl_lightning.model.build_dual_encoder", "model_name": "zerovl-tiny",
         "model_cfg": TINY_MODEL_CFG, "temperature": 0.07, "learn_temperature": True}
 
@@ -52,13 +58,19 @@ def test_overfits_one_batch_and_logs(tmp_path):
 
     rec = Record()
     trainer.callbacks.append(rec)
+    # the throughput callback of the default callbacks group (Lightning's ThroughputMonitor, device-synced)
+    throughput = instantiate(OmegaConf.load(CONF / "callbacks" / "throughput.yaml").throughput)
+    assert isinstance(throughput, ThroughputMonitor)
+    trainer.callbacks.append(throughput)
     trainer.fit(module, data)
     first, last = rec.losses[0], rec.losses[-1]
     assert first > 1.5  # ~log(8) = 2.08 at random init
     assert last < 0.1 * first
     logged = trainer.logged_metrics
-    for key in ("train/loss", "train/temperature", "train/lr", "train/samples_per_sec"):
+    for key in ("train/loss", "train/temperature", "train/lr"):
         assert key in logged, key
+    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/device/samples_per_sec" in header  # one process: the per-device figure
     # LR followed the per-step schedule: 4 warm-up steps, cosine to 0.1x peak at the end
     assert float(logged["train/lr"]) == pytest.approx(3e-4, rel=0.05)
 

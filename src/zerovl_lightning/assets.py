@@ -8,6 +8,7 @@ install where it is not.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,36 @@ def to_plain(obj: Any) -> Any:
     return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, (DictConfig, ListConfig)) else obj
 
 
+_INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+
+
+def _asset_only(raw: Any) -> bool:
+    """A string whose interpolations are all ``${zerovl.asset:…}`` (resolvable on any machine, alone)."""
+    if not isinstance(raw, str):
+        return False
+    found = _INTERPOLATION.findall(raw)
+    return bool(found) and all(f.startswith("zerovl.asset:") for f in found)
+
+
+def to_portable(obj: Any) -> Any:
+    """Like :func:`to_plain`, but values that come from ``${zerovl.asset:…}`` keep the reference instead of
+    this machine's absolute path, so a checkpoint's hyper-parameters rebuild the model on a machine with another
+    cache folder or site-packages (the resolver runs again where it is loaded)."""
+    if not isinstance(obj, (DictConfig, ListConfig)):
+        return obj
+    resolved = OmegaConf.to_container(obj, resolve=True)
+
+    def merge(node: Any, plain: Any) -> Any:
+        if isinstance(node, DictConfig):
+            return {k: merge(node._get_node(k), plain[k]) for k in plain}
+        if isinstance(node, ListConfig):
+            return [merge(node._get_node(i), v) for i, v in enumerate(plain)]
+        raw = node._value() if node is not None else None
+        return raw if _asset_only(raw) else plain
+
+    return merge(obj, resolved)
+
+
 def register_resolvers() -> None:
     """Register ``${zerovl.asset:NAME}`` and ``${zerovl.wandb_offline:}`` (idempotent)."""
     if not OmegaConf.has_resolver("zerovl.asset"):
@@ -81,3 +112,4 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+from . import world  # noqa: E402, F401  (registers ${zerovl.tasks_per_node:} and ${zerovl.run_stamp:})

@@ -37,6 +37,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, open_dict
 
+from .world import is_global_zero
+
 log = logging.getLogger(__name__)
 
 CKPT_SUFFIX = ".ckpt"
@@ -159,7 +161,7 @@ def list_checkpoints(directory: _PATH) -> list[Path]:
 
 
 def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    return is_global_zero()  # Lightning's rank lookup: torchrun, SLURM (srun sets no RANK), LSF
 
 
 def remove_stale_temp_files(directory: _PATH) -> list[Path]:

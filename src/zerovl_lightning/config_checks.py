@@ -69,7 +69,8 @@ def _check_batches(cfg: DictConfig) -> None:
     if sub is not None:
         if sub <= 0:
             raise ConfigError(f"module.sub_batch_size={sub} must be positive (or null for the plain step)")
-        if batch is not None and (sub > batch or batch % sub):
+        # with data.global_batch_size the per-rank batch needs the world size: train.check_batches checks it
+        if batch is not None and _node(cfg, "data.global_batch_size") is None and (sub > batch or batch % sub):
             raise ConfigError(
                 f"module.sub_batch_size={sub} must be a positive divisor of data.batch_size={batch} "
                 "(the per-rank batch of one optimizer step), e.g. "

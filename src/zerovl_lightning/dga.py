@@ -12,14 +12,15 @@ One step over K sub-batches per rank (global batch N = W·K·b):
    (:func:`~zerovl_lightning.loss.embedding_gradients`; the autograd oracle on request) and this rank's share
    of ∂L/∂logit_scale.
 3. Pass 2, per sub-batch: restore its RNG state, encode with grad, back-propagate the surrogate
-   Σ⟨g_u, u⟩ + Σ⟨g_v, v⟩ (+ g_τ·logit_scale once), whose gradient is exactly the cached one. The surrogate
-   is a scalar so the caller's ``backward`` can be Lightning's ``manual_backward`` (AMP loss scaling
-   included).
-4. Under DDP: every rank now holds its additive share of ∂L/∂θ; one coalesced sum all-reduce (bucketed like
-   DDP's reducer, the loss share riding along) gives every rank the full gradient. The caller must keep
-   DDP's own reducer out of it (``DistributedDataParallel.no_sync()`` around the whole step): Lightning runs
-   ``training_step`` inside a single DDP forward, and DDP would otherwise all-reduce (average) after each of
-   the K backwards, mixing averaged and local gradients.
+   Σ⟨g_u, u⟩ + Σ⟨g_v, v⟩ (+ g_τ·logit_scale on the last backward), whose gradient is exactly the cached one.
+   The surrogate is a scalar so the caller's ``backward`` can be Lightning's ``manual_backward`` (AMP loss
+   scaling included).
+4. Reduction under DDP — by DDP's own reducer, once: the first K − 1 backwards run inside ``no_sync()``
+   (gradients accumulate locally), the last one is synced, so the reducer all-reduces every bucket exactly
+   once, overlapped with that backward, in place (``gradient_as_bucket_view`` works; no second copy of the
+   gradients). Each rank holds its additive share of ∂L/∂θ and DDP *averages*, so the surrogate is scaled by
+   W. The caller's ``backward`` must prepare the reducer when sync is on (Lightning's ``manual_backward``
+   does; with a bare ``DistributedDataParallel`` call ``ddp.reducer.prepare_for_backward([])`` first).
 
 Exact for any per-sample stochastic layer (dropout, drop-path, patch dropout) thanks to the RNG replay. Layers
 coupling samples in train mode (BatchNorm batch statistics) see sub-batches, so DGA is exact for the loss
@@ -29,13 +30,14 @@ coupling samples in train mode (BatchNorm batch statistics) see sub-batches, so 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from zerovl_lightning.distributed import WorldInfo, all_gather_no_grad, all_reduce_coalesced_, world_info
+from zerovl_lightning.distributed import WorldInfo, all_gather_no_grad, world_info
 from zerovl_lightning.loss import (
     EmbeddingGrads,
     SoftTargets,
@@ -45,6 +47,9 @@ from zerovl_lightning.loss import (
 )
 
 Encode = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+# Computes this rank's loss share and ∂L/∂(local embeddings) from gathered detached embeddings: the seam where
+# an objective plugs in (same signature as loss.embedding_gradients).
+GradFn = Callable[..., EmbeddingGrads]
 
 
 @dataclass
@@ -74,7 +79,6 @@ class DGAResult:
     loss: torch.Tensor
     num_sub_batches: int
     grads: EmbeddingGrads
-    num_all_reduces: int = 0
 
 
 def split_batch(batch: Mapping[str, Any], sub_batch_size: int) -> list[dict[str, Any]]:
@@ -112,8 +116,6 @@ class DecoupledStep:
     Args:
         closed_form: closed-form embedding gradients (fast path); False uses the autograd oracle.
         replay_rng: restore each sub-batch's RNG state in pass 2 (False only to demonstrate why it matters).
-        sync_grads: under DDP, sum the gradient shares across ranks after pass 2 (one coalesced all-reduce).
-        bucket_mb: all-reduce bucket size, as DDP's ``bucket_cap_mb``.
         keep_last_graph: run the last sub-batch of pass 1 with its graph and back-propagate it first in pass 2
             instead of recomputing it: 2K − 1 forwards instead of 2K, same peak memory (its graph is the
             only one alive). Off automatically for models with BatchNorm running statistics, whose update
@@ -124,15 +126,15 @@ class DecoupledStep:
         self,
         closed_form: bool = True,
         replay_rng: bool = True,
-        sync_grads: bool = True,
-        bucket_mb: float = 25.0,
         keep_last_graph: bool = True,
     ) -> None:
         self.closed_form = closed_form
         self.replay_rng = replay_rng
-        self.sync_grads = sync_grads
-        self.bucket_bytes = int(bucket_mb * 2**20)
         self.keep_last_graph = keep_last_graph
+
+    def embedding_gradients(self) -> GradFn:
+        """The objective's embedding gradients (InfoNCE: closed form, or the autograd oracle)."""
+        return embedding_gradients if self.closed_form else embedding_gradients_autograd
 
     def __call__(
         self,
@@ -143,6 +145,7 @@ class DecoupledStep:
         targets: SoftTargets | None = None,
         backward: Callable[[torch.Tensor], None] = _default_backward,
         world: WorldInfo | None = None,
+        no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> DGAResult:
         """Accumulate ∂L/∂θ of the full-batch loss into ``.grad`` of ``model``'s parameters; return the loss.
 
@@ -150,8 +153,15 @@ class DecoupledStep:
         per sub-batch (once for the last one with ``keep_last_graph``). ``targets`` index the gathered batch:
         rank-major, then sub-batches in order. Gradients must be zero (or None) on entry; ``logit_scale``
         (log 1/τ) gets its gradient iff it requires grad. ``backward`` receives one scalar per sub-batch.
+        ``no_sync``: under a process group, the DDP wrapper's ``no_sync`` (required there): DDP's reducer
+        then reduces once, on the last backward.
         """
         world = world if world is not None else world_info()
+        if world.distributed and no_sync is None:
+            raise ValueError(
+                "DecoupledStep under a process group needs the DDP wrapper's no_sync (no_sync=ddp.no_sync): "
+                "DDP's reducer does the one gradient reduction"
+            )
         device = logit_scale.device
         last = len(sub_batches) - 1
         keep_last = self.keep_last_graph and not has_running_stats(model)
@@ -184,13 +194,15 @@ class DecoupledStep:
         uv_all = all_gather_no_grad(torch.stack([u_loc, v_loc], dim=1), world)  # [N, 2, D]
         u_all, v_all = uv_all[:, 0], uv_all[:, 1]  # [N, D]
         offset = world.rank * u_loc.shape[0]
-        grad_fn = embedding_gradients if self.closed_form else embedding_gradients_autograd
-        grads = grad_fn(u_loc, v_loc, u_all, v_all, logit_scale.detach(), offset, targets, world)
+        grads = self.embedding_gradients()(u_loc, v_loc, u_all, v_all, logit_scale.detach(), offset, targets, world)
         del uv_all, u_all, v_all
 
         # ---- pass 2: back-propagate the cached gradients (kept graph first, then replayed forwards)
-        g_image = grads.grad_image.split(sizes)
-        g_text = grads.grad_text.split(sizes)
+        # DDP averages the ranks' gradients; each holds an additive share of ∂L/∂θ, so scale by W.
+        scale = float(world.world_size)
+        g_image = (grads.grad_image * scale).split(sizes)
+        g_text = (grads.grad_text * scale).split(sizes)
+        g_logit_scale = grads.grad_logit_scale * scale
         order = ([last] if kept is not None else []) + [
             k for k in range(last + 1) if kept is None or k != last
         ]
@@ -203,24 +215,22 @@ class DecoupledStep:
                     rng_states[k].restore()
                 with torch.enable_grad():
                     u, v = encode(sub_batches[k])
+            synced = i == len(order) - 1  # the one backward DDP's reducer reduces
             with torch.enable_grad():
                 surrogate = (to_fp32(u) * g_image[k]).sum() + (to_fp32(v) * g_text[k]).sum()
-                if i == 0 and logit_scale.requires_grad:
-                    surrogate = surrogate + logit_scale * grads.grad_logit_scale.to(logit_scale.dtype)
-            backward(surrogate)
+                if synced and logit_scale.requires_grad:  # on the synced backward: DDP waits for every param
+                    surrogate = surrogate + logit_scale * g_logit_scale.to(logit_scale.dtype)
+            with nullcontext() if synced or no_sync is None else no_sync():
+                backward(surrogate)
             del u, v, surrogate
         if self.replay_rng:
             rng_after.restore()  # the stream continues as after one pass, whatever pass 2 drew
 
-        # ---- one sum all-reduce of the gradient shares (+ the loss share)
-        loss = grads.loss_share.detach().clone().reshape(1)
-        num_reduces = 0
-        if self.sync_grads and world.distributed:
-            tensors = [loss] + [p.grad for p in model.parameters() if p.grad is not None]
-            num_reduces = all_reduce_coalesced_(tensors, world, self.bucket_bytes)
-        elif world.distributed:
+        # ---- the loss: sum of the ranks' shares (the gradients were reduced by DDP on the last backward)
+        loss = grads.loss_share.detach().clone()
+        if world.distributed:
             torch.distributed.all_reduce(loss, group=world.group)
-        return DGAResult(loss.reshape(()), len(sub_batches), grads, num_reduces)
+        return DGAResult(loss, len(sub_batches), grads)
 
 
 @torch.no_grad()

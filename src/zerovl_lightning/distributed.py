@@ -1,5 +1,7 @@
 """Small torch.distributed helpers for the contrastive loss and DGA (no-ops without a process group).
 
+Gradient reduction is not here: DDP's reducer does it, for the plain and the DGA step alike.
+
 All gathers concatenate along dim 0 in rank order, so global index = rank offset + local index. Per-rank
 sizes must be equal (DDP batches are), which keeps the rank offset ``rank * n`` and avoids an extra size
 exchange.
@@ -7,7 +9,6 @@ exchange.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -52,41 +53,3 @@ def all_gather_no_grad(x: torch.Tensor, world: WorldInfo) -> torch.Tensor:
     out = torch.empty((world.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x.contiguous(), group=world.group)
     return out
-
-
-@torch.no_grad()
-def all_reduce_coalesced_(
-    tensors: Iterable[torch.Tensor], world: WorldInfo, bucket_bytes: int = 25 * 2**20
-) -> int:
-    """Sum ``tensors`` in place across ranks, flattened into buckets of one dtype/device (like DDP's reducer).
-
-    Returns the number of collectives issued (one per bucket). Every rank must pass the same tensors in the
-    same order — true for gradients of the same model after the same graph.
-    """
-    if not world.distributed:
-        return 0
-    buckets: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
-    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
-    for t in tensors:
-        key = (t.dtype, t.device)
-        nbytes = t.numel() * t.element_size()
-        if key not in buckets or sizes[key] + nbytes > bucket_bytes:
-            buckets.setdefault(key, []).append([])
-            sizes[key] = 0
-        buckets[key][-1].append(t)
-        sizes[key] += nbytes
-    flat_and_parts = []
-    for groups in buckets.values():
-        for parts in groups:
-            if not parts:
-                continue
-            flat = torch.cat([p.reshape(-1) for p in parts])
-            work = dist.all_reduce(flat, group=world.group, async_op=True)
-            flat_and_parts.append((flat, parts, work))
-    for flat, parts, work in flat_and_parts:
-        work.wait()
-        offset = 0
-        for p in parts:
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-    return len(flat_and_parts)

@@ -57,7 +57,8 @@ class NonFiniteGuard(L.Callback):
         self.amp_overflow_steps = 0
         self._loss_ok: list[torch.Tensor] = []  # one flag per backward since the last optimizer step
         self._losses: list[torch.Tensor] = []
-        self._scale_before: float | None = None
+        self._scale_before: torch.Tensor | None = None  # the GradScaler's scale (device tensor, no sync)
+        self._overflows: torch.Tensor | None = None  # overflow steps counted on device since the last read
 
     # ------------------------------------------------------------------ hooks
     def on_before_backward(
@@ -71,14 +72,15 @@ class NonFiniteGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         scaler = _grad_scaler(trainer)
-        if scaler is not None:
-            self._scale_before = float(scaler.get_scale())
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            self._scale_before = scaler._scale.detach().clone()  # get_scale() would sync the host
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         flags = list(self._loss_ok)
         # fp16 AMP: non-finite grads are the scaler's overflow handling, not a fault.
         if self.check_grads and scaler is None and params:
             flags.append(_all_finite([p.grad for p in params]))
-        local_bad = bool(flags) and not bool(torch.stack([f.to("cpu") for f in flags]).all())
+        # one device→host read per step (the skip decision needs it), not one per flag
+        local_bad = bool(flags) and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
         bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
         losses, self._loss_ok, self._losses = self._losses, [], []
         if not bad:
@@ -107,28 +109,40 @@ class NonFiniteGuard(L.Callback):
     ) -> None:
         scaler = _grad_scaler(trainer)
         if scaler is not None and self._scale_before is not None:
-            # GradScaler.update() lowers the scale exactly when the step had inf/NaN gradients.
-            if float(scaler.get_scale()) < self._scale_before:
-                self.amp_overflow_steps += 1
+            # GradScaler.update() lowers the scale exactly when the step had inf/NaN gradients; counted on the
+            # device (no host sync per step), read when logged or checkpointed.
+            lowered = (scaler._scale < self._scale_before).to(torch.int64)
+            self._overflows = lowered if self._overflows is None else self._overflows + lowered
             self._scale_before = None
         pl_module.log(
             "guard/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1
         )
+        overflow = self.amp_overflow_steps if self._overflows is None else self._overflows + self.amp_overflow_steps
         pl_module.log(
             "guard/amp_overflow_steps",
-            float(self.amp_overflow_steps),
+            overflow.float() if torch.is_tensor(overflow) else float(overflow),
             on_step=True,
             on_epoch=False,
             batch_size=1,
         )
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fold_overflows()
+
     # ------------------------------------------------------------------ state
+    def _fold_overflows(self) -> None:
+        if self._overflows is not None:
+            self.amp_overflow_steps += int(self._overflows)
+            self._overflows = None
+
     def state_dict(self) -> dict[str, Any]:
+        self._fold_overflows()
         return {"skipped_steps": self.skipped_steps, "amp_overflow_steps": self.amp_overflow_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.amp_overflow_steps = int(state_dict.get("amp_overflow_steps", 0))
+        self._overflows = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -166,5 +180,5 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
         # norm unless its values exceed ~1e19, which a guard should flag anyway.
         ts = [t.detach().float() if t.dtype == torch.float16 else t.detach() for t in ts]
         norms = torch._foreach_norm(ts)
-        flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
-    return torch.stack(flags).all()
+        flags.append(torch.isfinite(torch.stack(norms)).all())
+    return torch.stack([f.to(flags[0].device) for f in flags]).all()

@@ -209,11 +209,20 @@ def build_dual_encoder(
         # Not open_clip's freeze_bn_stats: it swaps timm's BatchNormAct2d for FrozenBatchNorm2d and drops the fused
         # activation (an EfficientNet without ReLU6 collapses). Locked BatchNorms stay in eval mode instead.
         clip.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=False)
+        _keep_trainable(getattr(clip.visual, "proj", None))
     if lock_text:
         clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
+        _keep_trainable(getattr(clip, "text_projection", None))
 
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature, tuple(temperature_range))
+
+
+def _keep_trainable(projection: nn.Parameter | nn.Module | None) -> None:
+    """open_clip's native towers (ViT, text transformer) lock their projection with the tower; timm and HF towers
+    keep theirs trainable. Locked-tower alignment trains the projections, so unlock the native ones too."""
+    if projection is not None:  # a Parameter, or an nn.Linear with proj_bias
+        projection.requires_grad_(True)
 
 
 TINY_MODEL_CFG: dict[str, Any] = {

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -14,7 +12,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from zerovl_lightning.assets import to_plain
+from zerovl_lightning.assets import to_plain, to_portable
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
 from zerovl_lightning.eval.validation import RetrievalValidation
@@ -40,7 +38,6 @@ DEFAULT_DGA: dict[str, Any] = {
     "closed_form": True,
     "gradient_clip_val": None,
     "gradient_clip_algorithm": "norm",
-    "bucket_mb": 25.0,
     "keep_last_graph": True,
 }
 
@@ -51,6 +48,9 @@ class ZeroVLModule(L.LightningModule):
     ``model`` is either a config for :func:`zerovl_lightning.model.build_dual_encoder` (saved as a hyper-parameter,
     so ``load_from_checkpoint`` rebuilds the model) or a ready ``DualEncoder`` (notebooks).
     """
+
+    # ThroughputMonitor reads this (None: no FLOP counting, and no per-run warning that it is missing)
+    flops_per_batch: int | None = None
 
     def __init__(
         self,
@@ -68,7 +68,7 @@ class ZeroVLModule(L.LightningModule):
             self.save_hyperparameters(ignore=["model"])
             self.model = model
         else:
-            model = to_plain(model)
+            model = to_portable(model)  # asset paths stay ${zerovl.asset:…}: the checkpoint loads on any machine
             self.save_hyperparameters({"model": model})
             self.model = instantiate(model)
         self.optimizer_cfg = dict(to_plain(optimizer) or DEFAULT_OPTIMIZER)
@@ -81,7 +81,6 @@ class ZeroVLModule(L.LightningModule):
             }
         )
         self.loss_fn = ContrastiveLoss(gather_with_grad=gather_with_grad)
-        self._step_started: float | None = None
 
         # Coin-flipping mixup (off unless configured); decoupled gradient accumulation iff sub_batch_size.
         mixup_cfg = dict(to_plain(mixup) or {"enabled": False})
@@ -92,7 +91,6 @@ class ZeroVLModule(L.LightningModule):
         self.sub_batch_size = None if sub_batch_size is None else int(sub_batch_size)
         self.dga_step = DecoupledStep(
             closed_form=self.dga_cfg["closed_form"],
-            bucket_mb=self.dga_cfg["bucket_mb"],
             keep_last_graph=self.dga_cfg["keep_last_graph"],
         )
         self.automatic_optimization = self.sub_batch_size is None
@@ -107,25 +105,26 @@ class ZeroVLModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         plan = self.mixup.plan(self.global_step)  # one plan per optimizer step, the same on every rank
+        lr = self._current_lr()  # read before the step: the rate this step's update uses
         if not self.automatic_optimization:
-            return self._dga_training_step(batch, plan)
+            return self._dga_training_step(batch, plan, lr)
         images, tokens = batch["image"], batch["text"]
         # [b, D] unit norm each; mixup (if any) mirrors partners inside this forward batch
         image_emb, text_emb = encode_pair(self.model, images, tokens, plan)
         world = world_info()
         targets = self.mixup.targets(plan, images.shape[0], None, world.rank, world.world_size, images.device)
         loss = self.loss_fn(image_emb, text_emb, self.model.logit_scale.exp(), targets)
-        self._log_step(loss, batch_size=images.shape[0])
+        self._log_step(loss, batch_size=images.shape[0], lr=lr)
         self._log_mixup(plan, batch_size=images.shape[0])
         return loss
 
-    def _dga_training_step(self, batch: Mapping[str, Any], plan: MixupPlan) -> torch.Tensor:
+    def _dga_training_step(self, batch: Mapping[str, Any], plan: MixupPlan, lr: float | None) -> torch.Tensor:
         """One optimizer step over the per-rank batch in sub-batches (manual optimization, dga.py).
 
-        DDP's reducer is kept out (``no_sync``): :class:`DecoupledStep` sums the gradient shares itself with
-        one coalesced all-reduce. The closure runs inside ``opt.step`` so Lightning's precision plugin scales
-        the backward (16-mixed), unscales before ``on_before_optimizer_step`` (clipping) and skips overflowed
-        steps.
+        DDP's own reducer reduces the gradients once: :class:`DecoupledStep` runs all but the last backward
+        inside the wrapper's ``no_sync`` and ``manual_backward`` prepares the reducer for the last one. The
+        closure runs inside ``opt.step`` so Lightning's precision plugin scales the backward (16-mixed),
+        unscales before ``on_before_optimizer_step`` (clipping) and skips overflowed steps.
         """
         n, b = batch["image"].shape[0], self.sub_batch_size
         if n % b:
@@ -138,9 +137,14 @@ class ZeroVLModule(L.LightningModule):
         targets = self.mixup.targets(plan, n, b, world.rank, world.world_size, batch["image"].device)
         opt, sched = self.optimizers(), self.lr_schedulers()
         result: dict[str, torch.Tensor] = {}
+        ddp = self.trainer.strategy.model if self._trainer is not None else None
+        no_sync = ddp.no_sync if isinstance(ddp, DistributedDataParallel) else None
+        # with gradient_as_bucket_view the gradients *are* DDP's buckets; zeroing in place keeps them so (the
+        # K − 1 no_sync backwards then accumulate straight into the buckets: no second copy)
+        keep_views = isinstance(ddp, DistributedDataParallel) and bool(getattr(ddp, "gradient_as_bucket_view", False))
 
         def closure() -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not keep_views)
             res = self.dga_step(
                 self.model,
                 lambda sub: encode_pair(self.model, sub["image"], sub["text"], plan),
@@ -149,18 +153,17 @@ class ZeroVLModule(L.LightningModule):
                 targets,
                 backward=self.manual_backward,
                 world=world,
+                no_sync=no_sync,
             )
             result["loss"] = res.loss
             return res.loss
 
-        ddp = self.trainer.strategy.model if self._trainer is not None else None
-        with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else nullcontext():
-            opt.step(closure=closure)
+        opt.step(closure=closure)
         self.model.clamp_temperature_()  # inside the step: checkpoint callbacks run before on_train_batch_end
         if sched is not None:
             sched.step()
         loss = result["loss"]  # the full-batch loss with this step's targets, identical on every rank
-        self._log_step(loss, batch_size=n)
+        self._log_step(loss, batch_size=n, lr=lr)
         self._log_mixup(plan, batch_size=n)
         self.log("train/sub_batches", float(len(subs)), batch_size=n)
         return loss
@@ -203,19 +206,23 @@ class ZeroVLModule(L.LightningModule):
         if "mixup" in checkpoint:
             self.mixup.load_state_dict(checkpoint["mixup"])
 
-    def _log_step(self, loss: torch.Tensor, batch_size: int) -> None:
-        """Loss, τ and LR every step; the loss is this rank's share, averaged over ranks = the full-batch loss."""
+    def _current_lr(self) -> float | None:
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        return None if opt is None else float(opt.param_groups[0]["lr"])
+
+    def _log_step(self, loss: torch.Tensor, batch_size: int, lr: float | None) -> None:
+        """Loss, τ and the LR this step used; the loss is this rank's share, averaged over ranks = the full loss.
+
+        Device tensors, no ``float()``: no host sync per step (Lightning reads them when it writes the logs).
+        """
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        self.log("train/temperature", self.model.temperature, batch_size=batch_size)
-        opt = self.optimizers(use_pl_optimizer=False)
-        if opt is not None:
-            self.log("train/lr", opt.param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        temperature = torch.exp(-self.model.logit_scale.detach())
+        self.log("train/temperature", temperature, batch_size=batch_size)
+        if lr is not None:
+            self.log("train/lr", lr, prog_bar=True, batch_size=batch_size)
         self.log(
             "train/global_batch_size", float(batch_size * self.trainer.world_size), batch_size=batch_size
         )
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Clamp τ right after the update, so the checkpoint a callback saves at batch end holds the clamped value."""
@@ -232,12 +239,6 @@ class ZeroVLModule(L.LightningModule):
         flat = {f"data/bad/{src}/{kind}": float(n) for src, kinds in counts.items() for kind, n in kinds.items()}
         if flat:
             self.log_dict(flat, rank_zero_only=True)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_started is not None:
-            seconds = time.perf_counter() - self._step_started
-            n = batch["image"].shape[0] * self.trainer.world_size
-            self.log("train/samples_per_sec", n / max(seconds, 1e-9), batch_size=batch["image"].shape[0])
 
     # ---------------------------------------------------------------- validation (zero-shot retrieval)
     def on_validation_epoch_start(self) -> None:
@@ -278,3 +279,8 @@ class ZeroVLModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, total, **self.scheduler_cfg)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """Pairs in a training batch (``ThroughputMonitor(batch_size_fn=...)``, conf/callbacks/throughput.yaml)."""
+    return int(batch["image"].shape[0])

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...} resolvers)
 from zerovl_lightning.checkpointing import prepare_resume
 from zerovl_lightning.config_checks import validate_config
+from zerovl_lightning.world import check_sub_batch, normalize_slurm_env, per_rank_batch
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,20 +30,56 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+class SeedPerRank(L.Callback):
+    """Reseed every process with ``seed + global_rank`` once the model is built and DDP has broadcast it.
+
+    ``seed_everything(seed)`` on every rank gives identical dropout / drop-path / patch-dropout masks and
+    augmentation draws on every rank for the same local index (correlated noise). The model is built under the
+    common seed (identical init, DDP broadcasts rank 0's anyway); training randomness is per rank, as OpenCLIP's
+    ``seed + rank``. What must agree across ranks never reads the global RNG: the mixup plan is drawn from
+    (seed, step), the data plan from (seed, epoch). On resume, ``RNGStateCheckpoint`` puts each rank's saved
+    states back before the first step, after this.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
-    """Instantiate module, data module (with the model's tokenizer and preprocessing) and trainer."""
+    """Instantiate trainer (it knows the world size), then module and data module (with the model's tokenizer
+    and preprocessing)."""
+    callbacks = [*instantiate_group(cfg.get("callbacks")), SeedPerRank(cfg.seed)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
+    check_batches(cfg, trainer.world_size)
     module = instantiate(cfg.module)
     datamodule = instantiate(
         cfg.data, tokenizer=module.model.tokenizer, preprocess_cfg=module.model.preprocess_cfg
     )
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                          logger=instantiate_group(cfg.get("logger")) or False)
     return module, datamodule, trainer
+
+
+def check_batches(cfg: DictConfig, world_size: int) -> None:
+    """Before any work: ``data.global_batch_size`` divides over the ranks, and the DGA sub-batch (``module.`` or
+    ``method.sub_batch_size``, whichever is set) divides the per-rank batch."""
+    global_batch = OmegaConf.select(cfg, "data.global_batch_size")
+    if global_batch is not None:
+        per_rank = per_rank_batch(int(global_batch), world_size)
+        source = f"data.global_batch_size={global_batch} over {world_size} ranks"
+    else:
+        per_rank, source = int(OmegaConf.select(cfg, "data.batch_size", default=1)), "data.batch_size"
+    for key in ("method.sub_batch_size", "module.sub_batch_size"):
+        sub = OmegaConf.select(cfg, key)
+        if sub is not None:
+            check_sub_batch(int(sub), per_rank, key, source)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit; return the final logged metrics (floats)."""
     validate_config(cfg)
+    normalize_slurm_env()  # before Lightning reads SLURM_NTASKS_PER_NODE
     ckpt_path = prepare_resume(cfg)  # newest loadable checkpoint; may set the wandb run id to resume
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)

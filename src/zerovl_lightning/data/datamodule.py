@@ -48,6 +48,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from ..assets import to_plain
+from ..world import per_rank_batch
+from .plan_check import check_same_plan, plan_inputs
 from .sampling import SourceSampler, source_probabilities
 from .shards import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -152,7 +154,7 @@ class ZeroVLStream(IterableDataset):
                     resampled=sampler.resampled,
                     shuffle_buffer=self.shuffle_buffer,
                 )
-                s.skip(start_pos.get(names[k], 0))
+                s.seek(start_pos.get(names[k], 0))
                 streams[k] = s
             return streams[k]
 
@@ -320,6 +322,8 @@ class ZeroVLDataModule(LightningDataModule):
         (per-source
             ``weight``), or a ``{name: weight}`` mapping.
         batch_size: samples per rank per optimizer step (global batch = batch_size × world size).
+        global_batch_size: samples per optimizer step over all ranks; when set, ``batch_size`` is derived from
+            it in ``setup`` (``global_batch_size / world size``, an error when that does not divide).
         num_workers: dataloader workers per rank (each produces every ``num_workers``-th step).
         steps_per_epoch: epoch length; default one pass (non-resampled) or Σ num_samples / global batch.
         resampled: draw shards with replacement (endless per-slot streams; for large corpora).
@@ -350,6 +354,7 @@ class ZeroVLDataModule(LightningDataModule):
         weights: str | Mapping[str, float] = "size",
         batch_size: int = 64,
         num_workers: int = 2,
+        global_batch_size: int | None = None,
         steps_per_epoch: int | None = None,
         resampled: bool = False,
         seed: int = 0,
@@ -419,6 +424,7 @@ class ZeroVLDataModule(LightningDataModule):
             batch_size,
             num_workers,
         )
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.steps_per_epoch_cfg, self.resampled, self.seed = steps_per_epoch, resampled, int(seed)
         self.split, self.order, self.shuffle_buffer = split, list(order) if order else None, shuffle_buffer
         self.max_image_pixels, self.pin_memory, self.prefetch_factor = (
@@ -508,6 +514,8 @@ class ZeroVLDataModule(LightningDataModule):
         if stage not in (None, "fit") or self.sampler is not None:
             return
         self.rank, self.world_size = self._resolve_world()
+        if self.global_batch_size is not None:
+            self.batch_size = per_rank_batch(self.global_batch_size, self.world_size)
         R, W = self.world_size, self.lanes
         self.splits = [self._choose_split(i, R * W) for i in self.infos]
         caps = None
@@ -533,6 +541,32 @@ class ZeroVLDataModule(LightningDataModule):
             size_weighted=self.weights == "size",
             order=self.order,
         )
+        settings = {
+            "splits": self.splits,
+            "steps_per_epoch": self.sampler.steps_per_epoch,
+            "batch_size": self.batch_size,
+            "world_size": R,
+            "lanes": W,
+            "sampling": self.sampling,
+            "weights": [float(p) for p in self.probs],
+            "resampled": self.resampled,
+            "seed": self.seed,
+        }
+        check_same_plan(plan_inputs(self.infos, settings), self._all_gather)  # one collective under DDP
+        slots = R * W
+        shared = [i for i, s in zip(self.infos, self.splits) if s == "sample" and slots > 1]
+        if shared and self.rank == 0:
+            log.warning(
+                "split=sample: every one of the %d rank × worker slots reads all shards of %s and keeps every "
+                "%d-th sample, so each epoch reads %s %d times (reading, not decoding). Write such a source "
+                "in ≥ %d shards (zerovl-data … --samples-per-shard) to read it once per epoch.",
+                slots,
+                ", ".join(f"{i.name!r} ({len(i.urls)} shards)" for i in shared),
+                slots,
+                "it" if len(shared) == 1 else "each",
+                slots,
+                slots,
+            )
         if self.rank == 0:
             log.info(
                 "%s; splits: %s",

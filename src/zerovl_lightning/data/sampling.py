@@ -37,9 +37,9 @@ sampler); ``steps_per_epoch`` defaults to ``Σ n_k / (B·R)``.
 
 *Resume*: the plan is a pure function of ``(seed, epoch, step)``; the only other state is each slot's position
 in each source stream (raw samples consumed, bad ones included), which the DataModule checkpoints per rank and
-the worker replays by reading — not decoding — the tars (``SlotStream.skip``). A resumed run therefore sees
-exactly the sources *and* sample keys of an uninterrupted one (same ``world_size`` and ``num_workers``
-required).
+the worker seeks to without reading what came before (``SlotStream.seek``: O(buffer + one shard)). A resumed
+run therefore sees exactly the sources *and* sample keys of an uninterrupted one (same ``world_size`` and
+``num_workers`` required).
 """
 
 from __future__ import annotations

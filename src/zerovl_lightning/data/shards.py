@@ -33,8 +33,10 @@ module knows nothing about other sources or about how steps pick sources (``samp
 
 from __future__ import annotations
 
+import bisect
 import glob as globlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ import random
 import re
 import tarfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -140,28 +142,32 @@ def read_stats(urls: Sequence[str], spec: Any = None) -> dict[str, Any] | None:
     return None
 
 
-def scan_tar(path: str) -> int:
-    """Count the samples a streaming read of ``path`` yields, reading tar headers only (seeks over the data).
+def tar_sample_offsets(path: str) -> tuple[list[int], bool]:
+    """Header offset of the first member of every sample a streaming read of ``path`` yields (tar headers
+    only: the data is seeked over, not read), and whether the read ends cleanly.
 
     Mirrors webdataset's grouping (consecutive members with the same key, ``__meta__`` files skipped) and
-    stops where a streaming read would: at the first member whose data the file does not fully contain.
+    stops where a streaming read would: at the first member whose data the file does not fully contain. A
+    stream opened at offset ``i`` of this list starts exactly at sample ``i``. A read that does not end
+    cleanly (truncated) yields its last sample only when the next shard's first member arrives.
     """
     path = _local_path(path)
     size = os.path.getsize(path)
+    offsets: list[int] = []
     if size == 0:
-        return 0
-    count, current = 0, None
+        return offsets, False
+    current = None
     try:
         with tarfile.open(path, mode="r:") as tf:
             while True:
                 try:
                     member = tf.next()
                 except (tarfile.TarError, EOFError, OSError):
-                    break
+                    return offsets, False
                 if member is None:
-                    break
+                    return offsets, True
                 if member.offset_data + member.size > size:
-                    break
+                    return offsets, False
                 if not member.isreg():
                     continue
                 name = member.name
@@ -171,11 +177,15 @@ def scan_tar(path: str) -> int:
                 if prefix is None:
                     continue
                 if prefix != current:
-                    count += 1
+                    offsets.append(member.offset)
                     current = prefix
     except (tarfile.TarError, EOFError, OSError):
-        pass
-    return count
+        return offsets, False
+
+
+def scan_tar(path: str) -> int:
+    """Count the samples a streaming read of ``path`` yields, reading tar headers only."""
+    return len(tar_sample_offsets(path)[0])
 
 
 def _shard_sizes_from_stats(stats: Mapping[str, Any] | None, urls: Sequence[str]) -> list[int] | None:
@@ -203,8 +213,9 @@ class SourceInfo:
     name: str
     urls: list[str]
     num_samples: int
-    shard_sizes: list[int] | None  # raw samples per shard; None when unknown (remote without stats)
+    shard_sizes: list[int] | None  # raw samples per shard (equal shares assumed when unknown: see exact_sizes)
     weight: float | None = None
+    exact_sizes: bool = True  # shard_sizes counted (stats.json or a header scan), so streams can seek by them
 
     @classmethod
     def build(
@@ -238,10 +249,18 @@ class SourceInfo:
                     f"source {name!r}: number of samples unknown — give num_samples or a stats.json next to "
                     "the shards"
                 )
+        exact = sizes is not None
         if sizes is None:  # remote shards without per-shard counts: assume equal shards
             per, extra = divmod(num_samples, len(urls))
             sizes = [per + (i < extra) for i in range(len(urls))]
-        return cls(name=name, urls=urls, num_samples=int(num_samples), shard_sizes=sizes, weight=weight)
+        return cls(
+            name=name,
+            urls=urls,
+            num_samples=int(num_samples),
+            shard_sizes=sizes,
+            weight=weight,
+            exact_sizes=exact,
+        )
 
 
 # -------------------------------------------------------------------------------------- bad samples
@@ -388,6 +407,51 @@ def slot_capacities(sizes: Sequence[int], num_slots: int, split: str) -> np.ndar
     return caps
 
 
+def buffer_shuffle(data: Iterator[Any], bufsize: int, rng: random.Random, buf: list[Any]) -> Iterator[Any]:
+    """webdataset's ``shuffle`` stage (``filters._shuffle`` with ``initial == bufsize``) over a buffer the caller
+    owns, so a stream can be continued from any (buffer, rng, input cursor) state.
+
+    Which buffer slot is picked depends only on the buffer's length, never on the samples: running this on
+    input *indices* (:func:`shuffle_state`) tells which inputs a real stream holds after any number of outputs.
+    """
+    for sample in data:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            try:
+                buf.append(next(data))
+            except StopIteration:
+                pass
+        if len(buf) >= bufsize:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list[Any], rng: random.Random) -> Any:  # webdataset.filters.pick
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
+
+
+def shuffle_state(
+    outputs: int, bufsize: int, seed: int, total: int | None
+) -> tuple[list[int], random.Random, int, bool]:
+    """State of :func:`buffer_shuffle` after ``outputs`` outputs from ``total`` inputs (None: endless): the
+    buffered input indices in buffer order, the rng, the inputs read, and whether the input has been asked
+    past its end (the real stream has then opened every remaining shard). O(outputs) integers, no I/O."""
+    rng, buf, ended = random.Random(seed), [], []
+
+    def src() -> Iterator[int]:
+        yield from (range(total) if total is not None else itertools.count())
+        ended.append(True)
+
+    for _ in islice(buffer_shuffle(src(), bufsize, rng, buf), outputs):
+        pass
+    return buf, rng, len(buf) + outputs, bool(ended)
+
+
 class SlotStream:
     """The raw samples of one source for one slot (rank × worker lane) in one epoch, with a position.
 
@@ -400,6 +464,13 @@ class SlotStream:
 
     Non-resampled streams that run dry (only when bad samples or uneven shards leave a slot short of its
     schedule) wrap into a fresh pass with a new shuffle; the position keeps counting across passes.
+
+    The reading is webdataset's (``url_opener`` → ``tar_file_expander`` → ``group_by_keys``, the stages of
+    ``tarfile_to_samples``) with each shard optionally opened at a sample's header offset, and its shuffle
+    (:func:`buffer_shuffle`). :meth:`seek` resumes at a position by arithmetic on the per-shard counts: it
+    recomputes the shuffle buffer's input indices, fetches those samples by seeking, and continues reading at
+    the first unread sample — shards before it are never opened, so a resume costs O(buffer + one shard),
+    not O(position).
     """
 
     def __init__(
@@ -418,48 +489,106 @@ class SlotStream:
         self.split, self.resampled, self.shuffle_buffer = split, resampled, shuffle_buffer
         self.position = 0  # raw samples handed out (bad ones included), across passes
         self.passes = 0
+        self.opened_shards = 0  # shard opens and their file sizes (local), for benchmarks and tests
+        self.opened_bytes = 0
         self._it: Iterator[dict[str, Any]] | None = None
         self._yielded_in_pass = 0
         self._skipping = False
+        self._sizes = dict(zip(info.urls, info.shard_sizes or [0] * len(info.urls)))
+        self._offsets: dict[str, tuple[list[int], bool]] = {}
         owner = {u: i % num_slots for i, u in enumerate(info.urls)}
         # With a sample-level split every slot reads every shard: only the shard's owner counts its errors.
         shared = split == "sample" and not resampled
         self.counter = BadSampleCounter(info.urls, (lambda url: owner.get(url) == slot) if shared else None)
 
-    def _pipeline(self, pass_index: int) -> Iterator[dict[str, Any]]:
-        name, urls = self.info.name, self.info.urls
-        self.counter.new_pass()
-        if self.resampled:
-            shard_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "shards")
-            shards: Any = wds.ResampledShards(
-                urls, seed=shard_seed, worker_seed=lambda: 0, deterministic=True
-            )
-            buf_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "buffer")
-            take = None
+    # ----------------------------------------------------------------------------- what a pass reads
+
+    def _seeds(self, pass_index: int) -> tuple[int, int]:
+        """(shard-order seed, shuffle-buffer seed) of a pass."""
+        name = self.info.name
+        if self.split == "sample" and not self.resampled:  # the same order and buffer in every slot
+            parts: tuple[Any, ...] = (self.seed, self.epoch, name, pass_index)
         else:
-            if self.split == "shard":
-                mine = [u for i, u in enumerate(urls) if i % self.num_slots == self.slot]
-                order_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "shards")
-                buf_seed = derive_seed(self.seed, self.epoch, name, self.slot, pass_index, "buffer")
-                take = None
-            else:
-                mine = list(urls)
-                order_seed = derive_seed(self.seed, self.epoch, name, pass_index, "shards")
-                buf_seed = derive_seed(self.seed, self.epoch, name, pass_index, "buffer")
-                take = self.slot
-            if not mine:
-                return iter(())
-            random.Random(order_seed).shuffle(mine)
-            shards = wds.SimpleShardList(mine)
-        stages: list[Any] = [shards, wds.tarfile_to_samples(handler=self.counter.handler)]
+            parts = (self.seed, self.epoch, name, self.slot, pass_index)
+        return derive_seed(*parts, "shards"), derive_seed(*parts, "buffer")
+
+    def _shard_order(self, pass_index: int) -> Iterator[str]:
+        """Shard urls in the order a pass reads them (endless when resampled)."""
+        urls = self.info.urls
+        order_seed, _ = self._seeds(pass_index)
+        if self.resampled:
+            draws = wds.ResampledShards(urls, seed=order_seed, worker_seed=lambda: 0, deterministic=True)
+            return (d["url"] for d in draws)
+        if self.split == "shard":
+            mine = [u for i, u in enumerate(urls) if i % self.num_slots == self.slot]
+        else:
+            mine = list(urls)
+        random.Random(order_seed).shuffle(mine)
+        return iter(mine)
+
+    def _take(self) -> tuple[int, int]:
+        """(first, stride) of the shuffled samples this slot keeps."""
+        if self.split == "sample" and not self.resampled:
+            return self.slot, self.num_slots
+        return 0, 1
+
+    def _pass_inputs(self) -> int:
+        """Raw samples one (non-resampled) pass reads through the shuffle buffer."""
+        return int(sum(self._sizes[u] for u in self._shard_order(0)))
+
+    def _pass_length(self) -> int:
+        """Raw samples one (non-resampled) pass hands to this slot."""
+        first, stride = self._take()
+        return len(range(first, self._pass_inputs(), stride))
+
+    def _read(self, shards: Iterable[tuple[str, int]]) -> Iterator[dict[str, Any]]:
+        """Raw samples of ``(url, first sample)`` pairs: webdataset's tar reading, each shard opened at its
+        first sample's header offset (local files) or read past it (remote streams cannot seek)."""
+        handler = self.counter.handler
+        drop: dict[str, int] = {}
+
+        def opened() -> Iterator[dict[str, Any]]:
+            for src in wds.tariterators.url_opener(({"url": u, "first": j} for u, j in shards), handler=handler):
+                self.opened_shards += 1
+                url, first = src["url"], src.pop("first")
+                if not is_remote(url):
+                    self.opened_bytes += os.path.getsize(_local_path(url))
+                drop[url] = 0
+                if first and is_remote(url):
+                    drop[url] = first
+                elif first:
+                    src["stream"].seek(self._sample_offsets(url)[first])
+                yield src
+
+        files = wds.tariterators.tar_file_expander(opened(), handler=handler)
+        for sample in wds.tariterators.group_by_keys(files, handler=handler):
+            url = sample.get("__url__")
+            if drop.get(url):
+                drop[url] -= 1
+                continue
+            yield sample
+
+    def _sample_offsets(self, url: str) -> list[int]:
+        if url not in self._offsets:
+            self._offsets[url] = tar_sample_offsets(url)
+        return self._offsets[url][0]
+
+    def _ends_cleanly(self, url: str) -> bool:
+        if is_remote(url):
+            return True
+        self._sample_offsets(url)
+        return self._offsets[url][1]
+
+    def _pipeline(self, pass_index: int) -> Iterator[dict[str, Any]]:
+        self.counter.new_pass()
+        _, buf_seed = self._seeds(pass_index)
+        it = self._read((u, 0) for u in self._shard_order(pass_index))
         if self.shuffle_buffer > 1:
-            stages.append(
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(buf_seed))
-            )
-        it: Iterator[dict[str, Any]] = iter(wds.DataPipeline(*stages))
-        if take is not None:
-            it = islice(it, take, None, self.num_slots)
-        return it
+            it = buffer_shuffle(it, self.shuffle_buffer, random.Random(buf_seed), [])
+        first, stride = self._take()
+        return islice(it, first, None, stride) if stride > 1 else it
+
+    # ------------------------------------------------------------------------------------- reading
 
     def next_raw(self) -> dict[str, Any]:
         """Next raw sample (undecoded); wraps into a new pass when a finite stream ends."""
@@ -484,9 +613,86 @@ class SlotStream:
             f"(shards: {len(self.info.urls)}; all empty, truncated or unreadable?)"
         )
 
+    def seek(self, n: int) -> None:
+        """Resume a fresh stream at position ``n`` (raw samples handed out before), exactly as if ``n`` samples
+        had been read: without reading them (see the class docstring). Errors met before ``n`` were counted
+        before the checkpoint and are not counted again. Falls back to :meth:`skip` when the per-shard counts
+        are assumed rather than counted."""
+        if n <= 0:
+            return
+        if self.position or self._it is not None:
+            raise RuntimeError("SlotStream.seek needs a fresh stream")
+        if not self.info.exact_sizes:
+            self.skip(n)
+            return
+        offset = n
+        if not self.resampled:
+            per_pass = self._pass_length()
+            if per_pass == 0:
+                self.skip(n)  # nothing readable: let next_raw raise its error
+                return
+            self.passes, offset = divmod(n, per_pass)
+            if offset == 0:  # a pass ended exactly here: the next read opens the next pass
+                self.passes -= 1
+                offset = per_pass
+        self.position, self._yielded_in_pass = n, offset
+        self._update_mute()
+        first, stride = self._take()
+        outputs = first + (offset - 1) * stride + 1  # shuffled samples consumed up to the last one handed out
+        total = None if self.resampled else self._pass_inputs()
+        self.counter.new_pass()
+        _, buf_seed = self._seeds(self.passes)
+        if self.shuffle_buffer > 1:
+            buf_idx, rng, consumed, ended = shuffle_state(outputs, self.shuffle_buffer, buf_seed, total)
+        else:
+            buf_idx, rng, consumed, ended = [], random.Random(buf_seed), outputs, False
+        # input index → (url, sample in shard) over the pass's shard order, up to the next unread input
+        order, urls, starts, end = self._shard_order(self.passes), [], [], 0
+        while end < consumed:
+            url = next(order)
+            urls.append(url)
+            starts.append(end)
+            end += self._sizes[url]
+        self._skipping = True
+        self._update_mute()
+        try:
+            buf = [self._fetch(urls, starts, i) for i in buf_idx]
+        finally:
+            self._skipping = False
+            self._update_mute()
+
+        def rest() -> Iterator[tuple[str, int]]:
+            if ended:  # the pass's input was read to its end (trailing empty shards included)
+                return
+            if end > consumed:  # the last shard listed is read from its first unread sample
+                yield urls[-1], consumed - starts[-1]
+            remaining: Iterator[str] = order  # the pass's other shards (an endless draw when resampled)
+            if end == consumed and not self._ends_cleanly(urls[-1]):
+                # its last sample came out only when a later shard gave a member: the empty shards between
+                # were opened (and counted) before the checkpoint
+                remaining = itertools.dropwhile(lambda u: self._sizes[u] == 0, order)
+            yield from ((u, 0) for u in remaining)
+
+        it = self._read(rest())
+        if self.shuffle_buffer > 1:
+            it = buffer_shuffle(it, self.shuffle_buffer, rng, buf)
+        self._it = islice(it, stride - 1, None, stride) if stride > 1 else it
+
+    def _fetch(self, urls: list[str], starts: list[int], index: int) -> dict[str, Any]:
+        """Input ``index`` of the pass, read alone (its shard opened at its offset)."""
+        k = bisect.bisect_right(starts, index) - 1
+        url, j = urls[k], index - starts[k]
+        sample = next(iter(self._read(iter([(url, j)]))), None)
+        if sample is None or sample.get("__url__") != url:
+            raise RuntimeError(
+                f"source {self.info.name!r}: shard {url} has fewer samples than its count ({self._sizes[url]}) "
+                "says; fix stats.json (zerovl-data stats) or remove it to count by scanning"
+            )
+        return sample
+
     def skip(self, n: int) -> None:
-        """Fast-forward ``n`` raw samples without decoding (resume); errors met on the way were counted
-        before the checkpoint."""
+        """Fast-forward ``n`` raw samples by reading them without decoding (what :meth:`seek` avoids; used
+        when shard sizes are only assumed)."""
         self._skipping = True
         self._update_mute()
         try:
@@ -516,3 +722,4 @@ class SlotStream:
         self._yielded_in_pass += len(rest)
         self._it = iter(())
         return rest
+

@@ -1,0 +1,75 @@
+"""CUDA-only checks of the mixed-precision DGA path (skipped without a GPU; run them where one is lent).
+
+``pytest tests/test_gpu.py -q`` on one GPU takes well under a minute (tiny towers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_dga import _batch, _max_rel_err, _model, _zerovl_module
+
+from zerovl_lightning.dga import DecoupledStep, split_batch
+from zerovl_lightning.mixup import encode_pair
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cosine(a: dict, b: dict) -> float:
+    """The smallest per-parameter cosine similarity between two gradient dicts."""
+    return min(float(torch.nn.functional.cosine_similarity(a[k].flatten().double(), b[k].flatten().double(), 0))
+               for k in b)
+
+
+def test_cuda_rng_replay_makes_pass_two_bitwise_equal_to_pass_one():
+    """Attention dropout (SDPA inside nn.MultiheadAttention) + patch dropout: the replayed forward is bitwise equal."""
+    model = _model(dropout=0.1).float().cuda()
+    batch = {k: (v.float().cuda() if torch.is_tensor(v) and v.is_floating_point() else
+                 v.cuda() if torch.is_tensor(v) else v) for k, v in _batch(8).items()}
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def encode(sub):
+        u, v = encode_pair(model, sub["image"], sub["text"], None)
+        calls.append((u.detach().clone(), v.detach().clone()))
+        return u, v
+
+    DecoupledStep(keep_last_graph=False)(model, encode, split_batch(batch, 2), model.logit_scale)
+    first, second = calls[:4], calls[4:]
+    assert len(second) == 4
+    for (u1, v1), (u2, v2) in zip(first, second):
+        assert torch.equal(u1, u2) and torch.equal(v1, v2)
+
+
+def test_cuda_fp32_dga_equals_full_batch_with_tf32_off():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    batch = {**_batch(8), "image": _batch(8)["image"].float()}
+    _, cap_plain = _fit_cuda(_zerovl_module(), batch, "32-true")
+    _, cap_dga = _fit_cuda(_zerovl_module(sub_batch_size=2), batch, "32-true")
+    err = _max_rel_err(cap_dga.grads[0], cap_plain.grads[0])
+    print(f"fp32 DGA vs full batch on CUDA: max relative error {err:.2e}")
+    assert err <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_cuda_mixed_precision_dga_matches_fp32_full_batch(precision):
+    batch = {**_batch(8), "image": _batch(8)["image"].float()}
+    _, cap_ref = _fit_cuda(_zerovl_module(), batch, "32-true")
+    _, cap = _fit_cuda(_zerovl_module(sub_batch_size=2), batch, precision)
+    cos = _cosine(cap.grads[0], cap_ref.grads[0])
+    print(f"{precision} DGA vs fp32 full batch on CUDA: min per-parameter cosine {cos:.6f}, "
+          f"max relative error {_max_rel_err(cap.grads[0], cap_ref.grads[0]):.2e}")
+    assert cos >= 0.9999
+
+
+def _fit_cuda(module, batch, precision):
+    import lightning as L
+    from test_dga import _Capture
+    from torch.utils.data import DataLoader
+
+    cap = _Capture()
+    trainer = L.Trainer(max_steps=1, accelerator="cuda", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[cap])
+    trainer.fit(module, DataLoader([batch], batch_size=None))
+    return trainer, cap

@@ -12,7 +12,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from zerovl_lightning.eval.callbacks import (
@@ -21,13 +20,12 @@ from zerovl_lightning.eval.callbacks import (
     ZeroShotCallback,
     example_tables,
 )
-from zerovl_lightning.eval.datasets import (
-    RetrievalShards,
-    eval_transform,
-    resolve_retrieval_sets,
-)
+from zerovl_lightning.eval.datasets import _iter_tar, eval_transform, resolve_retrieval_sets, to_rgb
 from zerovl_lightning.eval.retrieval import evaluate_retrieval, retrieval_ranks, summarize
+from zerovl_lightning.eval.retrieval_data import RankSplitSampler, RetrievalImages, retrieval_loaders
+from zerovl_lightning.eval.validation import RetrievalValidation
 from zerovl_lightning.model import build_tiny
+from zerovl_lightning.module import ZeroVLModule
 
 COLORS = [
     "red",
@@ -97,13 +95,13 @@ def test_sets_from_a_glob_are_named_after_their_source(shards):
 
 def test_rank_split_partitions_the_samples(shards):
     root, samples = shards
-    keys = [
-        [s["caption_id"] for s in RetrievalShards(str(root / "toy" / "heldout"), rank=r, world_size=2)]
-        for r in range(2)
-    ]
+    data = RetrievalImages(str(root / "toy" / "heldout"), eval_transform(build_tiny().preprocess_cfg))
+    items = [[data[i] for i in RankSplitSampler(data, 2, r)] for r in range(2)]
+    keys = [[c for it in rank for c in it["caption_ids"]] for rank in items]
     assert not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(c for _, c, _ in samples)
-    assert abs(len(keys[0]) - len(keys[1])) <= 3  # balanced within each shard
+    images = [{it["image_id"] for it in rank} for rank in items]
+    assert not images[0] & images[1] and len(images[0]) == len(images[1]) == 6  # split by image id
 
 
 def test_evaluate_retrieval_equals_brute_force_encoding(shards, tiny):
@@ -113,8 +111,10 @@ def test_evaluate_retrieval_equals_brute_force_encoding(shards, tiny):
     # brute force: decode every image of the shards ourselves, encode, rank the full matrix
     transform = eval_transform(tiny.preprocess_cfg)
     images = {}
-    for s in RetrievalShards(str(folder), transform=transform):
-        images.setdefault(s["image_id"], s["image"])
+    for url in sorted(folder.glob("*.tar")):
+        for s in _iter_tar(str(url)):
+            image_id = json.loads(s["json"])["image_id"]
+            images.setdefault(image_id, transform(to_rgb(Image.open(io.BytesIO(s["png"])))))
     image_ids = sorted(images)
     caption_ids = sorted(c for _, c, _ in samples)
     text_of = {c: t for _, c, t in samples}
@@ -152,37 +152,24 @@ def test_example_tables_show_top5_with_marks(shards, tiny):
     assert marked >= hits_in_top5
 
 
-class TinyModule(L.LightningModule):
-    """Just enough of a LightningModule: ``self.model`` is the DualEncoder, as in ZeroVLModule."""
+class TinyModule(ZeroVLModule):
+    """ZeroVLModule on the tiny towers, SGD, and a few fixed random training batches."""
 
     def __init__(self) -> None:
-        super().__init__()
         torch.manual_seed(0)
-        self.model = build_tiny()
-        self.tokens = self.model.tokenize([f"a {c} thing number 0" for c in COLORS[:8]])
-
-    def training_step(self, batch, batch_idx):
-        u, v = self.model(batch, self.tokens)
-        logits = u @ v.T * self.model.logit_scale.exp()
-        return F.cross_entropy(logits, torch.arange(len(u)))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        super().__init__(build_tiny(), optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05})
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(3, 8, 3, 32, 32), batch_size=None)
+        g = torch.Generator().manual_seed(0)
+        tokens = self.model.tokenize([f"a {c} thing number 0" for c in COLORS[:8]])
+        batches = [{"image": torch.randn(8, 3, 32, 32, generator=g), "text": tokens} for _ in range(3)]
+        return torch.utils.data.DataLoader(batches, batch_size=None)
 
 
 def test_callbacks_log_write_json_png_and_report(shards, tmp_path):
     root, _ = shards
     run = tmp_path / "run"
-    retrieval = RetrievalCallback(
-        sets={"toy": str(root / "toy" / "heldout")},
-        every_n_steps=1,
-        output_dir=run,
-        curve_max_k=10,
-        progress=False,
-    )
+    retrieval = RetrievalCallback(output_dir=run, curve_max_k=10)
     zeroshot = ZeroShotCallback(
         sets=["digits"], test_limit=30, every_n_steps=2, output_dir=run, progress=False
     )
@@ -197,11 +184,15 @@ def test_callbacks_log_write_json_png_and_report(shards, tmp_path):
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="logs", version=0)
     trainer = L.Trainer(
         max_steps=2, callbacks=[retrieval, zeroshot, probe], logger=logger, accelerator="cpu", devices=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
+        num_sanity_val_steps=0,
     )  # fmt: skip
-    trainer.fit(TinyModule())
+    module = TinyModule()
+    val = retrieval_loaders(resolve_retrieval_sets({"toy": str(root / "toy" / "heldout")}), module.model.preprocess_cfg)
+    trainer.validate(module, dataloaders=val, verbose=False)  # the step-0 baseline, as zerovl-train does
+    trainer.fit(module, val_dataloaders=val)
 
-    # retrieval at 0 (baseline), 1, 2 (at_end skipped: step 2 was just done); zero-shot 0, 2; probe at end
+    # retrieval at 0 (baseline), 1, 2 (validation every step); zero-shot 0, 2; probe at end
     assert [r["step"] for r in retrieval.history] == [0, 1, 2]
     assert [r["step"] for r in zeroshot.history] == [0, 2]
     assert [r["step"] for r in probe.history] == [2]
@@ -239,20 +230,17 @@ def test_callbacks_log_write_json_png_and_report(shards, tmp_path):
     assert (
         "| toy | 0 |" in table and "| toy | 2 |" in table and "| toy | 1 |" not in table and "RSUM" in table
     )
-    fresh = RetrievalCallback(sets={})
+    fresh = RetrievalCallback()
     fresh.load_state_dict(retrieval.state_dict())
     assert fresh.history == retrieval.history
 
 
-def test_callback_leaves_model_mode_and_grad_alone(shards):
+def test_validation_update_leaves_model_mode_and_grad_alone(shards):
     root, _ = shards
     module = TinyModule()
     module.train()
-    cb = RetrievalCallback(sets={"toy": str(root / "toy" / "heldout")}, progress=False)
-    trainer = L.Trainer(
-        logger=False, enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir="/tmp"
-    )
-    cb.evaluate(module.model, trainer)
+    (loader,) = retrieval_loaders({"toy": str(root / "toy" / "heldout")}, module.model.preprocess_cfg)
+    RetrievalValidation().update(module.model, next(iter(loader)))
     assert module.model.training and torch.is_grad_enabled()
 
 
@@ -313,12 +301,14 @@ def test_wandb_example_tables_are_logged(shards, tmp_path, monkeypatch):
 
     root, _ = shards
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="zerovl-test")
-    cb = RetrievalCallback(sets={"toy": str(root / "toy" / "heldout")}, output_dir=tmp_path, num_examples=3,
-                           at_end=False, progress=False)  # fmt: skip
+    cb = RetrievalCallback(output_dir=tmp_path, num_examples=3)
     trainer = L.Trainer(max_steps=1, callbacks=[cb], logger=logger, accelerator="cpu", devices=1,
-                        enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+                        enable_checkpointing=False, enable_progress_bar=False, val_check_interval=1)  # fmt: skip
+    module = TinyModule()
+    val = retrieval_loaders({"toy": [str(p) for p in sorted((root / "toy" / "heldout").glob("*.tar"))]},
+                            module.model.preprocess_cfg)  # fmt: skip
     try:
-        trainer.fit(TinyModule())
+        trainer.fit(module, val_dataloaders=val)
     finally:
         wandb.finish()
     tables = sorted(p.name for p in tmp_path.glob("wandb/*/files/media/table/examples/toy/*.table.json"))

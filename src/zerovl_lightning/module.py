@@ -16,6 +16,7 @@ from zerovl_lightning.assets import to_plain, to_portable
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
 from zerovl_lightning.locked_cache import LockedTowerCache
+from zerovl_lightning.eval.validation import RetrievalValidation
 from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
 from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair
@@ -66,6 +67,7 @@ class ZeroVLModule(L.LightningModule):
         mixup: Mapping[str, Any] | None = None,
         dga: Mapping[str, Any] | None = None,
         loss: str = "infonce",
+        retrieval: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
@@ -110,6 +112,10 @@ class ZeroVLModule(L.LightningModule):
         self.save_hyperparameters(
             {"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg}
         )
+        # Zero-shot retrieval in the validation loop (options: ks, chunk_size, ties); sets come from val_dataloader.
+        retrieval_cfg = dict(to_plain(retrieval) or {})
+        self.retrieval = RetrievalValidation(**retrieval_cfg)
+        self.save_hyperparameters({"retrieval": retrieval_cfg})
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -264,6 +270,27 @@ class ZeroVLModule(L.LightningModule):
         flat = {f"data/bad/{src}/{kind}": float(n) for src, kinds in counts.items() for kind, n in kinds.items()}
         if flat:
             self.log_dict(flat, rank_zero_only=True)
+
+    # ---------------------------------------------------------------- validation (zero-shot retrieval)
+    def on_validation_epoch_start(self) -> None:
+        self.retrieval.reset()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Encode this rank's images of one retrieval set (each once) and their captions into the set's metric."""
+        self.retrieval.update(self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """Compute every set (states synced across ranks) and log ``val/<set>/<metric>``.
+
+        The values are identical on every rank; ``reduce_fx="max"`` keeps them bit-exact under ``sync_dist``
+        (a mean of W copies may round), and float64 tensors keep them exact in the loggers (a float is logged
+        as float32).
+        """
+        self.retrieval.validated_step = int(self.global_step)
+        for name, metrics in self.retrieval.compute().items():
+            for key in self.retrieval.log_keys:
+                value = torch.tensor(metrics[key], dtype=torch.float64, device=self.device)
+                self.log(f"val/{name}/{key}", value, sync_dist=True, reduce_fx="max")
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

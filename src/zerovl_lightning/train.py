@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config, once
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            fit_and_validate(cfg, module, datamodule, trainer, ckpt_path)
         failed = False
     finally:
         finish_loggers(trainer, failed=failed)
@@ -101,6 +101,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         print_report(trainer)
     return metrics
+
+
+def fit_and_validate(
+    cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule, trainer: L.Trainer,
+    ckpt_path: str | None,
+) -> None:
+    """``trainer.validate`` before the first step (the untrained baseline, not on resume), fit (which
+    validates on the Trainer's ``val_check_interval`` / ``check_val_every_n_epoch``), and ``trainer.validate``
+    at the end unless the final step was just validated. Validation = zero-shot retrieval on
+    ``data.val_sets``; without sets there is none."""
+    has_val = bool(getattr(datamodule, "val_sets", None))
+    if has_val and cfg.get("val_at_start", True) and ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    validated = getattr(getattr(module, "retrieval", None), "validated_step", None)
+    if has_val and cfg.get("val_at_end", True) and validated != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
 def checkpoint_metadata(trainer: L.Trainer) -> dict[str, Any]:

@@ -344,6 +344,9 @@ class ZeroVLDataModule(LightningDataModule):
         torch.distributed).
         allow_inexact_resume: resume even when ``batch_size`` / ``num_workers`` changed since the checkpoint
             (refused otherwise, see ``config_checks.check_data_resume``); what changed is logged as a warning.
+        val_sets / val_batch_size / val_num_workers: zero-shot retrieval sets of the validation loop
+            (``{name: shards}`` or a glob of set folders, see :func:`~zerovl_lightning.eval.datasets.
+            resolve_retrieval_sets`; None: no validation) and their loaders (images per batch, workers).
     """
 
     def __init__(
@@ -373,9 +376,13 @@ class ZeroVLDataModule(LightningDataModule):
         world_size: int | None = None,
         rank: int | None = None,
         allow_inexact_resume: bool = False,
+        val_sets: Any = None,
+        val_batch_size: int = 64,
+        val_num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.allow_inexact_resume = bool(allow_inexact_resume)
+        self.val_sets, self.val_batch_size, self.val_num_workers = to_plain(val_sets), val_batch_size, val_num_workers
         # Hydra hands nested values over as DictConfig/ListConfig (also the model's preprocess_cfg kwarg)
         sources, weights, order = to_plain(sources), to_plain(weights), to_plain(order)
         crop_scale, preprocess_cfg = to_plain(crop_scale), to_plain(preprocess_cfg)
@@ -600,6 +607,17 @@ class ZeroVLDataModule(LightningDataModule):
         return ZeroVLLoader(self, self._stream, **kwargs)
 
     # ---------------------------------------------------------------------------- epoch bookkeeping
+
+    def val_dataloader(self) -> list[Any]:
+        """One loader per retrieval set, this rank's unique images (eval/retrieval_data.py); none without sets."""
+        if not self.val_sets:
+            return []
+        from zerovl_lightning.eval.datasets import resolve_retrieval_sets
+        from zerovl_lightning.eval.retrieval_data import retrieval_loaders
+
+        rank, world_size = self._resolve_world()
+        return retrieval_loaders(resolve_retrieval_sets(self.val_sets), self.preprocess_cfg, self.val_batch_size,
+                                 self.val_num_workers, rank, world_size)  # fmt: skip
 
     def _prepare_epoch(self, stream: ZeroVLStream) -> None:
         """Before iterating an epoch: start at step 0, or mid-epoch from a restored state."""

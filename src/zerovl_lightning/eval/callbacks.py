@@ -1,13 +1,14 @@
-"""Lightning callbacks that evaluate the model while it trains: retrieval, zero-shot, linear probe.
+"""Lightning callbacks around evaluation: retrieval reports, zero-shot classification, linear probe.
 
-They decide *when* (before the first step = the untrained baseline, every N steps / epochs, at the end of fit)
-and *where results go* (loggers under stable names, a results JSON per task in the run folder, recall@K plots,
-a wandb table of example queries). The math lives in :mod:`retrieval`, :mod:`zeroshot`, :mod:`linear_probe`;
-the callbacks only call ``model.encode_*``.
+Zero-shot retrieval runs in Lightning's validation loop (:mod:`validation`; schedule = the Trainer's
+``val_check_interval`` / ``check_val_every_n_epoch``); :class:`RetrievalCallback` only reports it. Zero-shot
+classification and the linear probe run on their own schedule (:class:`EvalCallback`: before the first step =
+the untrained baseline, every N steps / epochs, at the end of fit). The math lives in :mod:`retrieval`,
+:mod:`zeroshot`, :mod:`linear_probe`.
 
-Every rank evaluates its share of each set and the metrics are synced, so the callbacks work unchanged under
+Every rank evaluates its share of each set and the metrics are synced, so everything works unchanged under
 DDP; rank 0 writes the files. ``callback.history`` is the list of all records (see :mod:`report`) and survives
-checkpoint resume through the callback ``state_dict``; :meth:`EvalCallback.format_report` prints
+checkpoint resume through the callback ``state_dict``; :meth:`EvalHistory.format_report` prints
 "step 0 vs final".
 """
 
@@ -25,42 +26,112 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from zerovl_lightning.eval import report
-from zerovl_lightning.eval.datasets import (
-    ClassificationSet,
-    build_classification_set,
-    load_items_by_id,
-    resolve_retrieval_sets,
-)
+from zerovl_lightning.eval.datasets import ClassificationSet, build_classification_set, load_items_by_id
 from zerovl_lightning.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, evaluate_linear_probe
-from zerovl_lightning.eval.retrieval import (
-    RetrievalMetric,
-    chunked_topk,
-    clip_benchmark_keys,
-    evaluate_retrieval,
-    recall_curve,
-)
+from zerovl_lightning.eval.retrieval import RetrievalMetric, chunked_topk, clip_benchmark_keys, recall_curve
 from zerovl_lightning.eval.zeroshot import clip_benchmark_keys as cls_benchmark_keys
 from zerovl_lightning.eval.zeroshot import evaluate_zeroshot
 
 log = logging.getLogger(__name__)
 
 
-class EvalCallback(Callback):
-    """When to evaluate and how to report; subclasses implement :meth:`evaluate` (set name → metrics).
+class EvalHistory(Callback):
+    """Records of every evaluation (``history``, kept in checkpoints), results JSON, the step-0-vs-final table.
+
+    Args:
+        output_dir: run folder for ``eval/<task>.json`` (and plots); default ``trainer.default_root_dir``.
+        model_attr: attribute of the LightningModule holding the DualEncoder (the module itself if absent).
+    """
+
+    task: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, model_attr: str = "model") -> None:
+        super().__init__()
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.model_attr = model_attr
+        self.history: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+
+    def benchmark_keys(self, metrics: dict[str, float]) -> dict[str, float]:
+        """CLIP_benchmark-compatible names added to the JSON records."""
+        return {}
+
+    def after_run(self, trainer: L.Trainer, records: list[dict[str, Any]]) -> None:
+        """Hook for plots / tables (rank 0 only)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._last_step = state_dict.get("last_step")
+
+    @property
+    def last_step(self) -> int | None:
+        """The training step of the newest record (None before the first evaluation)."""
+        return self._last_step
+
+    def model_of(self, pl_module: nn.Module) -> nn.Module:
+        return getattr(pl_module, self.model_attr, pl_module)
+
+    def results_dir(self, trainer: L.Trainer) -> Path:
+        return (self.output_dir or Path(trainer.default_root_dir)) / "eval"
+
+    def record(
+        self, trainer: L.Trainer, model: nn.Module, results: Mapping[str, Mapping[str, float]]
+    ) -> list[dict[str, Any]]:
+        """Add the records of one evaluation at the trainer's step; rank 0 writes the JSON and runs
+        :meth:`after_run`. Returns the new records."""
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        records = self.make_records(model, results, step, epoch)
+        self.history.extend(records)
+        self._last_step = step
+        if trainer.is_global_zero:
+            path = report.write_json(self.results_dir(trainer) / f"{self.task}.json", self.history)
+            self.after_run(trainer, records)
+            log.info("%s at step %d → %s\n%s", self.task, step, path, report.format_table(records, "all"))
+        return records
+
+    def make_records(
+        self, model: nn.Module, results: Mapping[str, Mapping[str, float]], step: int = 0, epoch: int = 0
+    ) -> list[dict[str, Any]]:
+        """CLIP_benchmark-shaped records (see :mod:`report`) from ``{set: metrics}``."""
+        return [
+            {
+                "task": self.task,
+                "dataset": name,
+                "model": str(getattr(model, "model_name", type(model).__name__)),
+                "step": step,
+                "epoch": epoch,
+                "metrics": {**metrics, **self.benchmark_keys(dict(metrics))},
+            }
+            for name, metrics in results.items()
+        ]
+
+    def format_report(self, which: str = "first_last") -> str:
+        """Markdown table of the first and last evaluated steps (what ``make train`` prints)."""
+        return report.format_table(self.history, which) if self.history else ""
+
+
+class EvalCallback(EvalHistory):
+    """An evaluation that runs outside Lightning's loops, on its own schedule; subclasses implement
+    :meth:`evaluate` (set name → metrics).
+
+    Zero-shot classification and the linear probe stay callbacks: neither is a per-batch metric of the
+    model's own validation data (the probe fits a classifier on features of a whole train split first), so
+    they gain nothing from the validation loop and would cost every ``val_check_interval`` validation.
 
     Args:
         every_n_steps: evaluate after every N optimizer steps (None: never on a step count).
         every_n_epochs: evaluate at the end of every N training epochs (None: never on epochs).
         at_start: evaluate before the first step (the untrained baseline, logged as step 0); not on resume.
         at_end: evaluate when fit ends, unless that step was just evaluated.
-        output_dir: run folder for ``eval/<task>.json`` (and plots); default ``trainer.default_root_dir``.
         batch_size / num_workers: of the evaluation loaders (workers compete with training on small machines).
         progress: tqdm bars on rank 0.
-        model_attr: attribute of the LightningModule holding the DualEncoder (the module itself if absent).
+        output_dir / model_attr: see :class:`EvalHistory`.
     """
 
-    task: ClassVar[str] = ""
-    prefix: ClassVar[str] = ""
     log_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -75,27 +146,15 @@ class EvalCallback(Callback):
         progress: bool = True,
         model_attr: str = "model",
     ) -> None:
-        super().__init__()
+        super().__init__(output_dir, model_attr)
         self.every_n_steps = every_n_steps or None
         self.every_n_epochs = every_n_epochs or None
         self.at_start, self.at_end = at_start, at_end
-        self.output_dir = None if output_dir is None else Path(output_dir)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.progress = self.progress_enabled = progress
-        self.model_attr = model_attr
-        self.history: list[dict[str, Any]] = []
-        self._last_step: int | None = None
 
-    # ------------------------------------------------------------------ to implement
     def evaluate(self, model: nn.Module, trainer: L.Trainer | None = None) -> dict[str, dict[str, float]]:
         raise NotImplementedError
-
-    def benchmark_keys(self, metrics: dict[str, float]) -> dict[str, float]:
-        """CLIP_benchmark-compatible names added to the JSON records."""
-        return {}
-
-    def after_run(self, trainer: L.Trainer, records: list[dict[str, Any]]) -> None:
-        """Hook for plots / tables (rank 0 only)."""
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -116,28 +175,11 @@ class EvalCallback(Callback):
         if self.at_end and trainer.global_step != self._last_step:
             self.run(trainer, pl_module)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last_step": self._last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-        self._last_step = state_dict.get("last_step")
-
-    # ------------------------------------------------------------------ running and reporting
-    def model_of(self, pl_module: nn.Module) -> nn.Module:
-        return getattr(pl_module, self.model_attr, pl_module)
-
-    def results_dir(self, trainer: L.Trainer) -> Path:
-        return (self.output_dir or Path(trainer.default_root_dir)) / "eval"
-
     def run(self, trainer: L.Trainer, pl_module: nn.Module) -> list[dict[str, Any]]:
-        """Evaluate every set now; log, record, and (rank 0) write results. Returns the new records."""
+        """Evaluate every set now; record, and (rank 0) log and write results. Returns the new records."""
         model = self.model_of(pl_module)
-        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.progress_enabled = self.progress and trainer.is_global_zero
-        records = self.make_records(model, self.evaluate(model, trainer), step, epoch)
-        self.history.extend(records)
-        self._last_step = step
+        records = self.record(trainer, model, self.evaluate(model, trainer))
         flat = {
             f"{self.prefix}/{r['dataset']}/{k}": float(r["metrics"][k])
             for r in records
@@ -148,111 +190,70 @@ class EvalCallback(Callback):
             trainer.callback_metrics[name] = torch.tensor(value)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(flat, step=step)
-            path = report.write_json(self.results_dir(trainer) / f"{self.task}.json", self.history)
-            self.after_run(trainer, records)
-            log.info("%s at step %d → %s\n%s", self.task, step, path, report.format_table(records, "all"))
+                logger.log_metrics(flat, step=int(trainer.global_step))
         return records
 
-    def make_records(
-        self, model: nn.Module, results: Mapping[str, Mapping[str, float]], step: int = 0, epoch: int = 0
-    ) -> list[dict[str, Any]]:
-        """CLIP_benchmark-shaped records (see :mod:`report`) from :meth:`evaluate`'s output."""
-        return [
-            {
-                "task": self.task,
-                "dataset": name,
-                "model": str(getattr(model, "model_name", type(model).__name__)),
-                "step": step,
-                "epoch": epoch,
-                "metrics": {**metrics, **self.benchmark_keys(dict(metrics))},
-            }
-            for name, metrics in results.items()
-        ]
 
-    def format_report(self, which: str = "first_last") -> str:
-        """Markdown table of the first and last evaluated steps (what ``make train`` prints)."""
-        return report.format_table(self.history, which) if self.history else ""
+class RetrievalCallback(EvalHistory):
+    """Reports of the zero-shot retrieval that runs in Lightning's validation loop (``ZeroVLModule.retrieval``).
 
-
-class RetrievalCallback(EvalCallback):
-    """Zero-shot image–text retrieval on webdataset shard sets (R@1/5/10 both ways, RSUM, median ranks).
+    At every validation end (not the sanity check) it records each set's metrics at the current step, writes
+    ``eval/zeroshot_retrieval.json`` (CLIP_benchmark keys too), the recall@K plots and, with a wandb logger,
+    tables of example queries. Logging ``val/<set>/...`` is the module's job (``self.log``).
 
     Args:
-        sets: ``{name: shard folder | glob | list}``, or a glob of set folders such as
-            ``<cache>/demo/*/heldout`` (the set is named after the folder above ``heldout``). Resolved at
-            first use.
-        ks / chunk_size / ties: see :class:`~zerovl_lightning.eval.retrieval.RetrievalMetric`.
         curve_max_k: largest K of the recall@K plot (``eval/recall_at_k.png`` and one PNG per step).
         num_examples: example queries per direction in the wandb table (0 disables; wandb loggers only).
-        **kwargs: scheduling and loader options of :class:`EvalCallback`.
-
-    Logs ``val/<set>/{i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,i2t_medr,t2i_medr}``.
+        retrieval_attr: attribute of the LightningModule holding the
+            :class:`~zerovl_lightning.eval.validation.RetrievalValidation`.
+        output_dir / model_attr: see :class:`EvalHistory`.
     """
 
     task = "zeroshot_retrieval"
     prefix = "val"
-    log_keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
 
     def __init__(
         self,
-        sets: str | Mapping[str, Any] | Sequence[str],
-        ks: Sequence[int] = (1, 5, 10),
-        chunk_size: int = 1024,
-        ties: str = "pessimistic",
         curve_max_k: int = 50,
         num_examples: int = 8,
-        **kwargs: Any,
+        output_dir: str | os.PathLike | None = None,
+        model_attr: str = "model",
+        retrieval_attr: str = "retrieval",
     ) -> None:
-        super().__init__(**kwargs)
-        self.sets = sets
-        self.ks = tuple(int(k) for k in ks)
-        self.chunk_size, self.ties = chunk_size, ties
+        super().__init__(output_dir, model_attr)
         self.curve_max_k, self.num_examples = curve_max_k, num_examples
-        self.log_keys = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in self.ks) + (
-            "rsum",
-            "i2t_medr",
-            "t2i_medr",
-        )
-        self._resolved: dict[str, list[str]] | None = None
+        self.retrieval_attr = retrieval_attr
         self.curves: list[tuple[int, dict[str, dict[str, list[float]]]]] = []  # (step, set → direction → R@K)
-        self._metrics: dict[str, RetrievalMetric] = {}
+        self._validation: Any = None
+        self._shards: dict[str, list[str]] = {}
 
-    def resolved_sets(self) -> dict[str, list[str]]:
-        if self._resolved is None:
-            self._resolved = resolve_retrieval_sets(self.sets)
-        return self._resolved
-
-    def evaluate(self, model: nn.Module, trainer: L.Trainer | None = None) -> dict[str, dict[str, float]]:
-        results: dict[str, dict[str, float]] = {}
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        validation = getattr(pl_module, self.retrieval_attr, None)
+        if validation is None or not validation.results:
+            return
+        self._validation = validation
+        self._shards = {
+            data.name: sorted({it.shard for it in data.items})
+            for loader in (trainer.val_dataloaders or [])
+            if hasattr(data := loader.dataset, "items")
+        }
         curves: dict[str, dict[str, list[float]]] = {}
-        self._metrics = {}
-        for name, shards in self.resolved_sets().items():
-            metrics, metric = evaluate_retrieval(
-                model,
-                shards,
-                self.ks,
-                self.chunk_size,
-                self.ties,  # type: ignore[arg-type]
-                self.batch_size,
-                self.num_workers,
-                self.progress_enabled,
-                f"retrieval {name}",
-            )
-            results[name] = metrics
-            ranks = metric.last[0] if metric.last else None
-            if ranks is not None:
+        for name, metric in validation.metrics.items():
+            if metric.last is not None:
+                ranks = metric.last[0]
                 curves[name] = {
                     "i2t": recall_curve(ranks.i2t, self.curve_max_k).tolist(),
                     "t2i": recall_curve(ranks.t2i, self.curve_max_k).tolist(),
                 }
-            self._metrics[name] = metric
-        step = int(trainer.global_step) if trainer is not None else 0
-        self.curves.append((step, curves))
-        return results
+        self.curves.append((int(trainer.global_step), curves))
+        self.record(trainer, self.model_of(pl_module), validation.results)
+        self._validation = None
 
     def benchmark_keys(self, metrics: dict[str, float]) -> dict[str, float]:
-        return clip_benchmark_keys(metrics, self.ks)
+        ks = sorted(int(k[5:]) for k in metrics if k.startswith("i2t_r") and k[5:].isdigit())
+        return clip_benchmark_keys(metrics, ks)
 
     def after_run(self, trainer: L.Trainer, records: list[dict[str, Any]]) -> None:
         step, curves = self.curves[-1]
@@ -274,7 +275,6 @@ class RetrievalCallback(EvalCallback):
             log.warning("recall@K plot failed: %s", e)
         if self.num_examples > 0:
             self._log_examples(trainer, step)
-        self._metrics = {}
 
     def _log_examples(self, trainer: L.Trainer, step: int) -> None:
         from lightning.pytorch.loggers import WandbLogger
@@ -282,9 +282,9 @@ class RetrievalCallback(EvalCallback):
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not wandb_loggers:
             return
-        for name, metric in self._metrics.items():
+        for name, metric in self._validation.metrics.items():
             try:
-                tables = example_tables(metric, self.resolved_sets()[name], self.num_examples)
+                tables = example_tables(metric, self._shards[name], self.num_examples)
             except Exception as e:
                 log.warning("example table for %s failed: %s", name, e)
                 continue

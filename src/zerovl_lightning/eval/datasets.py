@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from zerovl_lightning.data.image_decoding import to_rgb
@@ -132,65 +132,6 @@ def _decode_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
             f"sample {sample.get('__key__')}: KEY.json needs image_id and caption_id (docs/CONTRACTS.md)"
         )
     return meta
-
-
-class RetrievalShards(IterableDataset):
-    """One dict per caption sample: ``image`` (transformed, or PIL), ``caption``, ``image_id``,
-    ``caption_id``, ``key``.
-
-    Deterministic split across DDP ranks *inside* each shard (sample ``i`` of a shard goes to rank ``i %
-    world``) so every rank gets a share whatever the shard count, with no padding; DataLoader workers split by
-    shard.
-    """
-
-    def __init__(
-        self,
-        shards: str | Sequence[str],
-        transform: Callable[[Image.Image], Any] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        decode_images: bool = True,
-    ) -> None:
-        super().__init__()
-        self.shards = resolve_shards(shards)
-        self.transform = transform
-        self.rank, self.world_size = rank, world_size
-        self.decode_images = decode_images
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for shard_index, url in enumerate(self.shards):
-            if shard_index % num_workers != worker:
-                continue
-            for i, sample in enumerate(_iter_tar(url)):
-                if i % self.world_size != self.rank:
-                    continue
-                meta = _decode_meta(sample)
-                image = None
-                if self.decode_images:
-                    image = _decode_image(sample)
-                    if self.transform is not None:
-                        image = self.transform(image)
-                yield {
-                    "image": image,
-                    "caption": sample["txt"].decode("utf-8").strip(),
-                    "image_id": int(meta["image_id"]),
-                    "caption_id": int(meta["caption_id"]),
-                    "key": sample["__key__"],
-                }
-
-
-def collate_retrieval(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images when present; ids as int64 tensors; captions and keys as lists."""
-    images = [s["image"] for s in samples]
-    return {
-        "image": torch.stack(images) if images and torch.is_tensor(images[0]) else images,
-        "caption": [s["caption"] for s in samples],
-        "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
-        "caption_id": torch.tensor([s["caption_id"] for s in samples], dtype=torch.long),
-        "key": [s["key"] for s in samples],
-    }
 
 
 def load_items_by_id(

@@ -299,52 +299,6 @@ class RetrievalMetric(Metric):
         self.last = None
 
 
-@torch.no_grad()
-def encode_retrieval_set(
-    model: torch.nn.Module,
-    shards: str | Sequence[str],
-    metric: RetrievalMetric,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
-    desc: str = "retrieval",
-) -> None:
-    """Encode this rank's share of a shard set into ``metric``: every caption, and each image once per rank.
-
-    fp32, eval mode, the eval transform of the model's ``preprocess_cfg``; the model's mode is restored after.
-    """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from zerovl_lightning.distributed import world_info
-    from zerovl_lightning.eval.datasets import RetrievalShards, collate_retrieval, eval_transform, evaluating
-
-    world = world_info()
-    data = RetrievalShards(shards, eval_transform(model.preprocess_cfg), world.rank, world.world_size)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_retrieval)
-    seen: set[int] = set()
-    updated = False
-    with evaluating(model) as ev:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            new = []
-            for i, image_id in enumerate(batch["image_id"].tolist()):
-                if image_id not in seen:
-                    seen.add(image_id)
-                    new.append(i)
-            text_emb = model.encode_text(model.tokenize(batch["caption"]).to(ev.device)).float()
-            if new:
-                image_emb = model.encode_image(ev.images(batch["image"][new])).float()
-            else:
-                image_emb = text_emb.new_zeros((0, text_emb.shape[1]))
-            metric.update(image_emb, batch["image_id"][new], text_emb, batch["caption_id"], batch["image_id"])
-            updated = True
-        if not updated:  # no samples on this rank: still contribute (empty) states to the DDP sync
-            dim = model.encode_text(model.tokenize([""]).to(ev.device)).shape[1]
-            empty_ids = torch.zeros(0, dtype=torch.long)
-            empty = torch.zeros(0, dim)
-            metric.update(empty, empty_ids, empty, empty_ids, empty_ids)
-
-
 def evaluate_retrieval(
     model: torch.nn.Module,
     shards: str | Sequence[str],
@@ -356,9 +310,22 @@ def evaluate_retrieval(
     progress: bool = True,
     desc: str = "retrieval",
 ) -> tuple[dict[str, float], RetrievalMetric]:
-    """Encode a shard set and score it. Returns (metrics as floats, the metric with
-    :attr:`RetrievalMetric.last`)."""
-    device = next(model.parameters()).device
-    metric = RetrievalMetric(ks=ks, chunk_size=chunk_size, ties=ties).to(device)
-    encode_retrieval_set(model, shards, metric, batch_size, num_workers, progress, desc)
-    return {k: float(v) for k, v in metric.compute().items()}, metric
+    """Score one shard set outside a Trainer, through the validation loop's own pieces (this rank's unique
+    images, each decoded once, with their captions; states synced under torch.distributed).
+
+    Returns (metrics as floats, the metric with :attr:`RetrievalMetric.last`).
+    """
+    from tqdm.auto import tqdm
+
+    from zerovl_lightning.distributed import world_info
+    from zerovl_lightning.eval.retrieval_data import retrieval_loaders
+    from zerovl_lightning.eval.validation import RetrievalValidation
+
+    world = world_info()
+    (loader,) = retrieval_loaders(
+        {desc: shards}, model.preprocess_cfg, batch_size, num_workers, world.rank, world.world_size
+    )
+    validation = RetrievalValidation(ks, chunk_size, ties)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        validation.update(model, batch)
+    return validation.compute()[desc], validation.metrics[desc]

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from zerovl_lightning.assets import to_plain, to_portable
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
-from zerovl_lightning.locked_cache import LockedTowerCache
 from zerovl_lightning.eval.validation import RetrievalValidation
+from zerovl_lightning.locked_cache import LockedTowerCache
 from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
 from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair

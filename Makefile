@@ -57,7 +57,7 @@ test: venv system-deps ## Run the test suite (slow tests excluded)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not slow" -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 test-slow: venv system-deps ## Run only the slow tests
-	$(VENV)/bin/pytest -m slow -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m slow -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 bench: venv demo-data ## Run the benchmarks; results in bench/results/
 	$(PY) bench/run_all.py

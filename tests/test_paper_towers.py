@@ -15,8 +15,8 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from test_configs import compose_train
 
-from tests.test_configs import compose_train
 from zerovl_lightning.model import load_image_tower
 
 TIMM_VIT = "vit_tiny_patch16_224"  # the paper's ViT-B/16 architecture family, 5.7 M parameters

@@ -112,8 +112,10 @@ def test_trainer_validate_gives_the_step0_numbers_of_zerovl_train(sets, tmp_path
 
     from zerovl_lightning.train import build, run
 
-    overrides = ["experiment=smoke", "callbacks=retrieval", "val_at_start=true", "trainer.max_steps=2",
-                 f"+data.val_sets={{toy: {sets['toy'][0].rsplit('/', 1)[0]}}}", "logger=none",
+    toy = sets["toy"][0].rsplit("/", 1)[0]  # the toy set trains too: no demo shards needed (fresh clone)
+    overrides = ["experiment=smoke", "data=custom", f"++data.sources={{toy: {{path: '{toy}'}}}}",
+                 "data.batch_size=8", "data.num_workers=0", "callbacks=retrieval", "val_at_start=true",
+                 "trainer.max_steps=2", f"++data.val_sets={{toy: {toy}}}", "logger=none",
                  f"paths.output_dir={tmp_path / 'run'}", "trainer.enable_checkpointing=false"]  # fmt: skip
     with initialize_config_module("zerovl_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)

@@ -179,16 +179,32 @@ def test_two_process_validation_loop_equals_one_process(sets, tmp_path):
         assert {k: final[name][k] for k in metrics} == pytest.approx(metrics, abs=1e-12)
 
 
-def _fit_with_epoch_validation(root, sets, max_epochs: int, ckpt_path=None):
-    from zerovl_lightning.checkpointing import BatchEndCheckpoint, RNGStateCheckpoint
+class _KilledBeforeValidation(RuntimeError):
+    pass
+
+
+class _KillBeforeFirstValidation(L.Callback):
+    """Stands for a kill -9 between epoch 0's batch-end checkpoint and its validation."""
+
+    def on_validation_start(self, trainer, pl_module):
+        raise _KilledBeforeValidation
+
+
+def _fit_with_epoch_validation(root, sets, max_epochs: int, ckpt_path=None, kill: bool = False):
+    from zerovl_lightning.checkpointing import BatchEndCheckpoint, RNGStateCheckpoint, stored_step
+    from zerovl_lightning.logger_resume import ResumableCSVLogger
 
     module = tiny_module()
     loaders = retrieval_loaders({"toy": sets["toy"]}, module.model.preprocess_cfg, batch_size=5)
     report = RetrievalCallback(output_dir=root, num_examples=0)
-    ckpt = BatchEndCheckpoint(dirpath=root / "ckpt", filename="epoch_{epoch}", every_n_epochs=1, save_top_k=-1,
-                              auto_insert_metric_name=False)
-    t = trainer(root, max_epochs=max_epochs, check_val_every_n_epoch=1, enable_checkpointing=True,
-                callbacks=[report, ckpt, RNGStateCheckpoint()])  # fmt: skip
+    ckpt = BatchEndCheckpoint(
+        dirpath=root / "ckpt", filename="epoch_{epoch}", every_n_epochs=1, save_top_k=-1, auto_insert_metric_name=False
+    )
+    callbacks = [report, ckpt, RNGStateCheckpoint(), *([_KillBeforeFirstValidation()] if kill else [])]
+    resume_step = stored_step(ckpt_path) if ckpt_path else None  # what prepare_resume configures
+    csv = ResumableCSVLogger(root, name="csv", version=0, resume_step=resume_step)
+    t = trainer(root, max_epochs=max_epochs, check_val_every_n_epoch=1, enable_checkpointing=True, callbacks=callbacks,
+                logger=csv)  # fmt: skip
     batches = train_batches(module, n=3).dataset
     shuffled = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True)  # order from the global RNG
     t.fit(module, train_dataloaders=shuffled, val_dataloaders=loaders, ckpt_path=ckpt_path)
@@ -196,8 +212,6 @@ def _fit_with_epoch_validation(root, sets, max_epochs: int, ckpt_path=None):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 14 item 7 open: Lightning does not repeat the epoch-end validation "
-                   "when resuming from the batch-end checkpoint written before it, so its record is lost")
 def test_epoch_end_validation_survives_resume_bit_exactly(sets, tmp_path):
     """Resuming from the epoch's batch-end checkpoint (written before that epoch's validation) keeps the
     validation record, and validating every epoch does not shift the training RNG (same final weights)."""
@@ -206,13 +220,20 @@ def test_epoch_end_validation_survives_resume_bit_exactly(sets, tmp_path):
     assert [r["step"] for r in full_history] == [3, 6]
 
     torch.manual_seed(123)
-    _fit_with_epoch_validation(tmp_path / "crash", sets, max_epochs=1)  # "killed" after epoch 0's checkpoint
+    with pytest.raises(_KilledBeforeValidation):  # the same run, killed after epoch 0's checkpoint
+        _fit_with_epoch_validation(tmp_path / "crash", sets, max_epochs=2, kill=True)
     ckpt = tmp_path / "crash" / "ckpt" / "epoch_0.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     assert saved["global_step"] == 3
     assert not any(s.get("history") for s in saved["callbacks"].values())  # written before epoch 0's validation
+    states = saved["callbacks"].values()
+    assert [s["validation_follows"] for s in states if "validation_follows" in s] == [0]  # ... and says so
+    assert [s["epoch_end"] for s in states if "epoch_end" in s] == [True]
     torch.manual_seed(999)  # a fresh process: the RNG state comes from the checkpoint
     history, state = _fit_with_epoch_validation(tmp_path / "crash", sets, max_epochs=2, ckpt_path=str(ckpt))
     assert history == full_history
     for key, value in full_state.items():
         assert torch.equal(state[key], value), key
+    # the CSV history: the killed run's rows before the checkpoint, the resumed run's after it, each once
+    metrics = "csv/version_0/metrics.csv"
+    assert (tmp_path / "crash" / metrics).read_text() == (tmp_path / "full" / metrics).read_text()

@@ -18,6 +18,7 @@ Lightning already stores model, optimizer, LR schedule, grad scaler, loop progre
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -49,6 +51,7 @@ TMP_SUFFIX = ".tmp"
 _PASS_THROUGH = {"best", "hpc", "registry"}  # ckpt_path values Lightning resolves itself
 # Rank 0's choice, for the ranks Lightning's launcher starts from it (they inherit the environment).
 RESOLVED_ENV = "ZEROVL_RESOLVED_CKPT_PATH"
+_UNCHANGED_UNTIL_NEXT_STEP = {"state_dict", "optimizer_states"}  # checkpoint keys held by reference
 
 
 class CheckpointError(RuntimeError):
@@ -162,9 +165,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     crash the renamed file can be empty or short. Pass it as ``Trainer(plugins=[AtomicCheckpointIO()])``.
     """
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
         else:
@@ -210,12 +211,8 @@ def check_checkpoint(path: _PATH) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle makes the file unusable for resume
-        raise CheckpointError(
-            f"{p}: torch.load failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        ) from e
-    missing = [
-        k for k in ("state_dict", "global_step", "loops") if not isinstance(ckpt, dict) or k not in ckpt
-    ]
+        raise CheckpointError(f"{p}: torch.load failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    missing = [k for k in ("state_dict", "global_step", "loops") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{p}: not a Lightning training checkpoint (missing {missing})")
     return ckpt
@@ -300,9 +297,7 @@ def newest_loadable(candidates: list[Path]) -> Path:
             + (": " + " | ".join(failures) if failures else "")
         )
     if failures:
-        rank_zero_warn(
-            f"Resuming from {chosen} instead of the unusable " + " | ".join(failures)
-        )
+        rank_zero_warn(f"Resuming from {chosen} instead of the unusable " + " | ".join(failures))
     return chosen
 
 
@@ -391,6 +386,14 @@ class BatchEndCheckpoint(ModelCheckpoint):
 
     ``save_top_k`` / ``monitor`` / ``save_last`` keep their meaning (``monitor="step", mode="max",
     save_top_k=k`` keeps the newest k). ``train_time_interval`` keeps Lightning's handling.
+
+    The state is *taken* at the batch end but *written* (with the removals of the files it replaces) right
+    after Lightning has logged that batch, at the next hook (next batch, validation, epoch or train end, or an
+    exception), the loggers flushed first. So a kill at any moment leaves every row logged before the newest
+    checkpoint on disk: Lightning logs a batch's training metrics after ``on_train_batch_end``, and a
+    checkpoint written there would let a kill lose that row (the resumed run starts after it). Nothing
+    changes the weights or the optimizer state between the two moments (the next optimizer step comes after
+    the next ``on_train_batch_start``); the other states are copied when taken.
     """
 
     def __init__(self, *args: Any, save_on_last_step: bool = True, **kwargs: Any) -> None:
@@ -398,12 +401,27 @@ class BatchEndCheckpoint(ModelCheckpoint):
         kwargs["save_on_train_epoch_end"] = True
         super().__init__(*args, **kwargs)
         self.save_on_last_step = save_on_last_step
+        # The epoch of the validation that follows the batch being saved (stored in the checkpoint being
+        # written), and the one read from the checkpoint resumed from; None: no validation pending.
+        self._validation_follows: int | None = None
+        self._validation_pending: int | None = None
+        self._queued: list[tuple[str, str, dict[str, Any] | None]] = []  # ("save" | "remove", path, checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "validation_follows": self._validation_follows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._validation_pending = state_dict.get("validation_follows")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero and self.dirpath:
             # a temp file next to the kept one: twice the size must fit
             warn_if_low_disk_space(self.dirpath, 2 * checkpoint_size_estimate(pl_module))
+        if self._validation_pending is not None:
+            epoch, self._validation_pending = self._validation_pending, None
+            run_pending_validation(trainer, epoch)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -418,21 +436,68 @@ class BatchEndCheckpoint(ModelCheckpoint):
         if self.monitor is not None and self.monitor not in candidates:
             rank_zero_warn(f"{type(self).__name__}: monitor {self.monitor!r} not logged; ranking by step")
             candidates[self.monitor] = torch.tensor(float(trainer.global_step))
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        self._validation_follows = trainer.current_epoch if validation_follows(trainer) else None
+        try:
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        finally:
+            self._validation_follows = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """No save here: the epoch's checkpoint was written at its last batch (see the class docstring)."""
+        """No new save here (the epoch's checkpoint is its last batch's, see the class docstring)."""
+        self._write_queued(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """No save here either: a validation-end state is not a batch-end state."""
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._write_queued(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_queued(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._write_queued(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._write_queued(trainer)  # the state taken at the last batch end is sound whatever failed after it
+
+    # Lightning's ModelCheckpoint bookkeeping calls these two; they queue instead of touching the disk.
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)  # every rank
+        # Weights and optimizer tensors stay references (unchanged until the next step); everything else is
+        # copied now (callback histories, loop counters, data position move on before the write).
+        checkpoint = {k: v if k in _UNCHANGED_UNTIL_NEXT_STEP else copy.deepcopy(v) for k, v in checkpoint.items()}
+        self._queued.append(("save", filepath, checkpoint))
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._queued.append(("remove", filepath, None))
+
+    def _write_queued(self, trainer: L.Trainer) -> None:
+        if not self._queued:
+            return
+        for logger in trainer.loggers:
+            logger.save()  # the rows logged before this state was taken reach the disk first
+        queued, self._queued = self._queued, []
+        for action, filepath, checkpoint in queued:
+            if action == "remove":
+                trainer.strategy.remove_checkpoint(filepath)
+                continue
+            trainer.strategy.save_checkpoint(checkpoint, filepath)  # rank 0 writes
+            trainer.strategy.barrier("BatchEndCheckpoint.save")
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+
     @staticmethod
     def _is_last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return True
-        total = trainer.num_training_batches
-        return total != float("inf") and batch_idx + 1 >= total
+        return is_last_batch(trainer, batch_idx)
 
     def _stepped(self, trainer: L.Trainer, batch_idx: int) -> bool:
         """False in the middle of gradient accumulation (no optimizer step happened on this batch)."""
@@ -449,6 +514,46 @@ class BatchEndCheckpoint(ModelCheckpoint):
 
     def _last_step(self, trainer: L.Trainer) -> bool:
         return bool(self.save_on_last_step) and 0 < trainer.max_steps <= trainer.global_step
+
+
+def is_last_batch(trainer: L.Trainer, batch_idx: int | None = None) -> bool:
+    """Whether the current training batch (``batch_idx`` of its epoch, default: the loop's count) ends the epoch."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.is_last_batch:
+        return True
+    total = trainer.num_training_batches
+    index = progress.current.ready - 1 if batch_idx is None else batch_idx
+    return total != float("inf") and index + 1 >= total
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after the current training batch (at its ``on_advance_end``)."""
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    return fetcher is not None and bool(loop._should_check_val_fx(fetcher))
+
+
+def run_pending_validation(trainer: L.Trainer, epoch: int) -> None:
+    """Run the validation a resumed checkpoint was written just before (the killed run's record of it is lost).
+
+    Lightning resumes a batch-end checkpoint *after* the validation that followed that batch (its loop counters
+    are fast-forwarded past it), so without this the resumed run never writes that validation's record, and
+    ``ModelCheckpoint(monitor="val/...")`` / early stopping never see it. Called at ``on_train_start``, before
+    the first resumed batch, exactly where the uninterrupted run validated, as epoch ``epoch`` (the resumed
+    loop already counts the next one) and at the same logged step (``_batches_that_stepped`` is not yet
+    advanced). Evaluation loaders must not draw from the global RNGs (ours use their own generator), so the
+    training randomness after it is unchanged.
+    """
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.restarting = False  # a fresh validation, not the continuation of an interrupted one
+    progress = trainer.fit_loop.epoch_progress.current
+    resumed_epoch, progress.completed = progress.completed, epoch  # trainer.current_epoch during it
+    trainer.validating = True
+    try:
+        val_loop.run()
+    finally:
+        trainer.training = True
+        progress.completed = resumed_epoch
 
 
 # ------------------------------------------------------------------------------------------- RNG states
@@ -503,23 +608,30 @@ def restore_rng_states(state: Mapping[str, Any]) -> None:
 
 
 class RNGStateCheckpoint(L.Callback):
-    """Saves every rank's RNG states with each checkpoint; puts them back right before the first resumed step.
+    """Saves every rank's RNG states with each checkpoint; puts them back where the killed run drew next.
 
-    Restoring at ``on_train_batch_start`` (not at load time) matters: between loading and the first step
-    Lightning builds dataloader iterators, which draw their worker base seed from the global torch RNG. The
-    states are captured when the checkpoint is written (``on_train_batch_end`` of step s for step ckpts),
-    so the resumed step s+1 draws exactly what the uninterrupted run drew, provided nothing between that hook
-    and the next ``on_train_batch_start`` draws from the global RNGs in the main process (true when data
-    randomness lives in loader workers or own generators, and no validation runs at that step).
+    The states are captured when the checkpoint is written (``on_train_batch_end`` of step s). Where the next
+    draw happens decides when they go back:
+
+    - mid-epoch: at ``on_train_batch_start`` of the resumed step s+1, not at load time — in between Lightning
+      rebuilds the (resumed) dataloader iterator, which draws its worker base seed from the global torch RNG,
+      a draw the uninterrupted run made at the start of the epoch, not here;
+    - at the last batch of an epoch: at load time, because the next epoch's iterator (its shuffle, its base
+      seed) is the uninterrupted run's next draw, and Lightning builds it before any hook of the resumed run.
+
+    Exact provided nothing between that hook and the next draw point uses the global RNGs in the main process
+    (true when data randomness lives in loader workers or own generators, evaluation loaders included).
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
         self._rank = 0
         self._world = 1
+        self._trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._rank, self._world = trainer.global_rank, trainer.world_size
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
         mine = capture_rng_states()
@@ -529,7 +641,8 @@ class RNGStateCheckpoint(L.Callback):
             dist.all_gather_object(states, mine)
         else:
             states = [mine]
-        return {"per_rank": states}
+        epoch_end = self._trainer is not None and self._trainer.training and is_last_batch(self._trainer)
+        return {"per_rank": states, "epoch_end": epoch_end}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("per_rank") or []
@@ -541,6 +654,9 @@ class RNGStateCheckpoint(L.Callback):
                 "every rank gets rank 0's states (randomness will not replay exactly)"
             )
         self._pending = states[self._rank] if len(states) == self._world else states[0]
+        if state_dict.get("epoch_end"):
+            restore_rng_states(self._pending)  # before Lightning builds the next epoch's iterator
+            self._pending = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -6,7 +6,10 @@ last one. :func:`configure_logger_resume` sets, before the loggers are built, wh
 from the checkpoint's ``global_step`` ``G``:
 
 - CSV (:class:`ResumableCSVLogger`): rows with ``step < G`` are kept (the file is rewritten atomically),
-  rows logged after the checkpoint by the killed run are dropped, the resumed run appends.
+  rows logged after the checkpoint by the killed run are dropped, the resumed run appends. Lightning logs the
+  validation that follows step ``G``'s batch at step ``G - 1`` (the batch's logging step), *after* the
+  checkpoint was written: those ``val/`` rows are dropped too, the resumed run repeats that validation
+  (:func:`zerovl_lightning.checkpointing.run_pending_validation`).
 - TensorBoard: ``purge_step=G`` (``SummaryWriter`` hides older events at steps ≥ G).
 - wandb: same run id and ``resume="allow"`` (:func:`zerovl_lightning.checkpointing.prepare_resume`).
 """
@@ -43,7 +46,7 @@ class _KeepingWriter(ExperimentWriter):
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
-            rows = [r for r in reader if _step(r) < self._resume_step]
+            rows = [r for r in reader if _written_before(r, self._resume_step)]
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=header)
@@ -54,6 +57,17 @@ class _KeepingWriter(ExperimentWriter):
         os.replace(tmp, path)  # a kill here leaves the old file or the trimmed one, never neither
         self.metrics_keys = header
         log.info("%s: kept %d rows before step %d, resuming the history", path, len(rows), self._resume_step)
+
+
+VALIDATION_PREFIX = "val/"  # every metric the validation loop logs (ZeroVLModule.validation_step)
+
+
+def _written_before(row: dict[str, Any], step: int) -> bool:
+    """Whether the killed run logged ``row`` before writing the checkpoint of global step ``step``."""
+    at = _step(row)
+    if at == step - 1:  # that batch's training row came before the checkpoint, its validation after it
+        return not any(key.startswith(VALIDATION_PREFIX) and value not in ("", None) for key, value in row.items())
+    return at < step
 
 
 def _step(row: dict[str, Any]) -> float:

@@ -122,7 +122,7 @@ def test_eval_on_a_garbage_file_is_one_line(tmp_path):
         (["data.batch_size=0"], "data.batch_size=0 must be positive"),
         (["module.sub_batch_size=3"], "module.sub_batch_size=3 must be a positive divisor"),
         (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt does not exist"),
-        (["++data.sources.c.path=/nonexistent/shards"], "data.sources.c.path=/nonexistent/shards"),
+        (["++data.sources.c.path=/nonexistent/shards"], "data.sources.c.path='/nonexistent/shards'"),
         (["data.sampling=random"], "data.sampling='random' is unknown"),
     ],
 )

@@ -59,7 +59,7 @@ def test_two_simulated_slurm_nodes_train_and_resume_as_one_run(tmp_path: Path) -
     first = tmp_path / "probe1"
     _srun(["trainer.max_steps=3", "callbacks=[retrieval,step_checkpoint]",
            "callbacks.step_checkpoint.every_n_train_steps=2", "trainer.enable_checkpointing=true",
-           "callbacks.retrieval.at_end=false"], tmp_path, cache, first)
+           "val_at_end=false"], tmp_path, cache, first)
     rec = _records(first)
     assert [r["rank"] for r in rec] == [0, 1, 2, 3]
     assert {r["world_size"] for r in rec} == {4} and {r["num_nodes"] for r in rec} == {2}
@@ -78,7 +78,7 @@ def test_two_simulated_slurm_nodes_train_and_resume_as_one_run(tmp_path: Path) -
     assert max(saved) == 2  # every 2 steps; the final step's save is model_checkpoint's, not used here
     second = tmp_path / "probe2"
     _srun(["trainer.max_steps=4", "callbacks=[retrieval,step_checkpoint]", "ckpt_path=last",
-           "trainer.enable_checkpointing=true", "callbacks.retrieval.at_end=false"], tmp_path, cache, second)
+           "trainer.enable_checkpointing=true", "val_at_end=false"], tmp_path, cache, second)
     rec2 = _records(second)
     chosen = {r["ckpt_path"] for r in rec2}
     assert len(chosen) == 1 and next(iter(chosen)).startswith(str(run_dir / "checkpoints"))  # one resume choice

@@ -143,7 +143,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(ck.torch, "save", half_then_die)
+    monkeypatch.setattr(ck.atomic_io.torch, "save", half_then_die)
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint({"v": "new"}, path)
     monkeypatch.undo()
@@ -160,7 +160,7 @@ _WRITER = "\n".join(
         f"TMP_SUFFIX = {ck.TMP_SUFFIX!r}",
         "from typing import Any",
         "_PATH = str",
-        inspect.getsource(ck._fsync_dir),
+        inspect.getsource(ck.atomic_io._fsync_dir),
         inspect.getsource(ck.atomic_torch_save),
         textwrap.dedent("""
         blob = torch.randn(4_000_000)  # 16 MB: a write takes long enough to be hit

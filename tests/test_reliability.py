@@ -116,7 +116,7 @@ def test_choice_is_made_once_on_rank_zero(finished_run, monkeypatch, tmp_path):
     shutil.copy(d / "step_000004.ckpt", other)
     monkeypatch.setenv(ck.RESOLVED_ENV, str(other))
     calls = []
-    monkeypatch.setattr(ck, "_resolve", lambda *a: calls.append(a))
+    monkeypatch.setattr(ck.resolve, "_resolve", lambda *a: calls.append(a))
     assert resolve_ckpt_path("last", d) == str(other)  # rank 1 takes rank 0's choice, does not look itself
     assert calls == []
 

@@ -19,14 +19,16 @@ from test_configs import write_smoke_data
 TESTS = Path(__file__).resolve().parent
 
 
-def _srun(args: list[str], tmp_path: Path, cache: Path, out: Path) -> list[subprocess.CompletedProcess]:
+def _srun(
+    args: list[str], tmp_path: Path, cache: Path, out: Path, restart: int = 0
+) -> list[subprocess.CompletedProcess]:
     port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     base.update(
         ZEROVL_CACHE=str(cache), WANDB_MODE="offline", HYDRA_FULL_ERROR="1", PYTHONWARNINGS="ignore",
         OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_JOB_NAME="zerovl", SLURM_NTASKS="4", SLURM_NNODES="2",
-        SLURM_NTASKS_PER_NODE="2(x2)", SLURM_NODELIST="localhost",
+        SLURM_NTASKS_PER_NODE="2(x2)", SLURM_NODELIST="localhost", SLURM_RESTART_COUNT=str(restart),
     )
     cmd = [
         str(Path(sys.executable).parent / "zerovl-train"), "experiment=smoke", "trainer=ddp_multinode",
@@ -78,7 +80,7 @@ def test_two_simulated_slurm_nodes_train_and_resume_as_one_run(tmp_path: Path) -
     assert max(saved) == 2  # every 2 steps; the final step's save is model_checkpoint's, not used here
     second = tmp_path / "probe2"
     _srun(["trainer.max_steps=4", "callbacks=[retrieval,step_checkpoint]", "ckpt_path=last",
-           "trainer.enable_checkpointing=true", "val_at_end=false"], tmp_path, cache, second)
+           "trainer.enable_checkpointing=true", "val_at_end=false"], tmp_path, cache, second, restart=1)  # requeued
     rec2 = _records(second)
     chosen = {r["ckpt_path"] for r in rec2}
     assert len(chosen) == 1 and next(iter(chosen)).startswith(str(run_dir / "checkpoints"))  # one resume choice

@@ -122,7 +122,7 @@ def test_every_experiment_fast_dev_run(tmp_path: Path, cache: Path) -> None:
             "~data.sources",
             f"+data.sources={{big: {{path: {big}}}}}",
             "optimized_metric=null",
-            "data.val_sets=null",  # zerovl_14m validates on ${paths.data_dir}/eval/*, absent here
+            "++data.val_sets=null",  # zerovl_14m validates on ${paths.data_dir}/eval/*, absent here
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -118,6 +119,34 @@ def test_choice_is_made_once_on_rank_zero(finished_run, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(ck.resolve, "_resolve", lambda *a: calls.append(a))
     assert resolve_ckpt_path("last", d) == str(other)  # rank 1 takes rank 0's choice, does not look itself
+    assert calls == []
+
+
+def test_srun_tasks_take_rank_zeros_choice_from_the_run_folder(finished_run, monkeypatch, tmp_path):
+    """Under srun / torchrun no rank inherits rank 0's environment: rank 0 leaves its choice in the run's
+    checkpoint folder, the other tasks read it instead of checking the files themselves."""
+    d = tmp_path / "checkpoints"
+    shutil.copytree(finished_run / "checkpoints", d)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", ck.RESOLVED_ENV, "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    chosen = resolve_ckpt_path("last", d)
+    assert ck.stored_step(chosen) == 8
+    assert json.loads((d / ".resume-choice-slurm-77-0-0.json").read_text()) == {"ckpt_path": chosen}
+    assert not list(d.glob("*.tmp"))
+
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.delenv(ck.RESOLVED_ENV)  # an srun task inherits nothing from rank 0
+    calls = []
+    monkeypatch.setattr(ck.resolve, "_resolve", lambda *a: calls.append(a))
+    assert resolve_ckpt_path("last", d) == chosen
+    assert calls == []  # took the choice, read no checkpoint
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the old choice is not this launch's
+    monkeypatch.setenv(ck.resolve.CHOICE_WAIT_ENV, "0.5")
+    with pytest.raises(CheckpointError, match=r"rank 1: no checkpoint choice from rank 0 in .*slurm-77-0-1\.json"):
+        resolve_ckpt_path("last", d)
     assert calls == []
 
 

@@ -85,6 +85,23 @@ def run_stamp() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def external_launch_id() -> str | None:
+    """An id of this launch shared by all its processes when an external launcher (srun, torchrun) started
+    several of them; None otherwise (one process, or Lightning's own launcher). A requeued SLURM job or a
+    restarted torchrun group gets a new id (``SLURM_RESTART_COUNT`` / ``TORCHELASTIC_RESTART_COUNT``)."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_JOB_ID"):
+        parts = [
+            os.environ["SLURM_JOB_ID"],
+            os.environ.get("SLURM_STEP_ID", ""),
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
+        ]
+        return "slurm-" + "-".join(parts)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and run_id and run_id != "none":
+        return f"torchrun-{run_id}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return None
+
+
 def register_resolvers() -> None:
     """``${zerovl.tasks_per_node:}`` and ``${zerovl.run_stamp:}`` (idempotent)."""
     if not OmegaConf.has_resolver("zerovl.tasks_per_node"):

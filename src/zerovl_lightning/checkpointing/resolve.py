@@ -4,9 +4,11 @@ by the training step stored in each file, chosen once on global rank 0."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..world import is_global_zero, launcher_rank
+from ..world import external_launch_id, is_global_zero, launcher_rank
 from .atomic_io import CKPT_SUFFIX, TMP_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -171,10 +173,10 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
 
     Steps come from inside the files, never from modification times (``cp -r`` and ``touch`` change those).
     Global rank 0 (Lightning's rank detection: ``RANK``, ``SLURM_PROCID``, ``LOCAL_RANK``) resolves and logs
-    "Resuming from <file> (global step N)"; the choice is put in ``$ZEROVL_RESOLVED_CKPT_PATH``, which the
-    ranks Lightning's DDP launcher starts from rank 0 inherit and use as is. Ranks started by an external
-    launcher (torchrun, SLURM) resolve on their own from the same files, which gives the same choice because
-    it depends only on the files' contents.
+    "Resuming from <file> (global step N)"; only it reads and checks the files. The ranks Lightning's DDP
+    launcher starts from rank 0 inherit its choice in ``$ZEROVL_RESOLVED_CKPT_PATH``; the ranks an external
+    launcher (srun, torchrun) started read it from ``<checkpoint_dir>/.resume-choice-<launch id>.json``,
+    which rank 0 writes atomically (they wait up to ``$ZEROVL_RESUME_WAIT_S`` seconds).
     - ``"best"``, ``"hpc"``, ``"registry"`` → passed through to Lightning unchanged.
 
     Newer-but-corrupt files (a node crash during a write on a filesystem that ignores fsync, a copy cut short)
@@ -190,10 +192,51 @@ def resolve_ckpt_path(cfg_value: str | os.PathLike | None, checkpoint_dir: _PATH
     shared = os.environ.get(RESOLVED_ENV)
     if shared and _global_rank() != 0 and Path(shared).is_file():
         return shared  # rank 0 chose before launching this process (Lightning's DDP launcher)
+    handoff = _choice_file(checkpoint_dir)
+    if handoff is not None and _global_rank() != 0:
+        return _wait_for_choice(handoff)  # srun / torchrun: rank 0 chooses, the others read its choice
     chosen = _resolve(value, checkpoint_dir)
-    if chosen is not None and _global_rank() == 0:
-        os.environ[RESOLVED_ENV] = chosen  # inherited by the ranks Lightning launches from this process
-        log.info("Resuming from %s (global step %d)", chosen, stored_step(chosen))
+    if _global_rank() == 0:
+        if chosen is not None:
+            os.environ[RESOLVED_ENV] = chosen  # inherited by the ranks Lightning launches from this process
+            log.info("Resuming from %s (global step %d)", chosen, stored_step(chosen))
+        if handoff is not None:
+            _write_choice(handoff, chosen)
+    return chosen
+
+
+# ------------------------------------------------------------------------ the choice, shared across tasks
+CHOICE_WAIT_ENV = "ZEROVL_RESUME_WAIT_S"  # how long ranks > 0 wait for rank 0's choice (default 1800 s)
+
+
+def _choice_file(checkpoint_dir: _PATH | None) -> Path | None:
+    """Where rank 0 leaves its choice for the tasks an external launcher started next to it (None: no such
+    tasks, or no run folder to share)."""
+    launch = external_launch_id()
+    if launch is None or checkpoint_dir is None:
+        return None
+    return Path(checkpoint_dir) / f".resume-choice-{launch}.json"
+
+
+def _write_choice(path: Path, chosen: str | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp.write_text(json.dumps({"ckpt_path": chosen}))
+    os.replace(tmp, path)  # the others see the whole choice or none
+
+
+def _wait_for_choice(path: Path) -> str | None:
+    timeout = float(os.environ.get(CHOICE_WAIT_ENV, "1800"))
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise CheckpointError(
+                f"rank {_global_rank()}: no checkpoint choice from rank 0 in {path} after {timeout:.0f} s "
+                f"(is rank 0 running and does it see this folder? {CHOICE_WAIT_ENV} sets the wait)"
+            )
+        time.sleep(0.2)
+    chosen = json.loads(path.read_text())["ckpt_path"]
+    log.info("rank %d resumes from rank 0's choice: %s", _global_rank(), chosen)
     return chosen
 
 

@@ -104,9 +104,7 @@ class _Loader:
 
     def __init__(self, batch, k: int) -> None:
         n = len(batch["image"])
-        self.micro = [
-            (batch["image"][i : i + n // k], batch["text"][i : i + n // k]) for i in range(0, n, n // k)
-        ]
+        self.micro = [(batch["image"][i : i + n // k], batch["text"][i : i + n // k]) for i in range(0, n, n // k)]
         self.num_batches, self.num_samples = k, n
 
     def __iter__(self):
@@ -121,9 +119,7 @@ class _RecordingSGD(torch.optim.SGD):
         self.recorded: dict[int, torch.Tensor] = {}
 
     def step(self, closure=None):
-        self.recorded = {
-            id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None
-        }
+        self.recorded = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
 
 
 def openclip_step(model, batch, k: int, optimizer) -> None:
@@ -309,7 +305,10 @@ def measure_ddp_memory(src: str | None) -> list[dict[str, Any]]:
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, "--ddp-memory-worker", str(r), str(port), str(int(gav))],
-                stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=env,
             )
             for r in range(2)
         ]
@@ -320,9 +319,12 @@ def measure_ddp_memory(src: str | None) -> list[dict[str, Any]]:
             row = json.loads(out.strip().splitlines()[-1])
             row["src"] = src or "this checkout"
             rows.append(row)
-            print(f"ddp memory {row['reduction']} bucket_view={gav} rank {row['rank']}: peak "
-                  f"{row['peak_rss_mb']:.0f} MiB, step +{row['step_delta_mb']:.0f} MiB "
-                  f"(gradients {row['grad_mb']:.0f} MiB)", flush=True)
+            print(
+                f"ddp memory {row['reduction']} bucket_view={gav} rank {row['rank']}: peak "
+                f"{row['peak_rss_mb']:.0f} MiB, step +{row['step_delta_mb']:.0f} MiB "
+                f"(gradients {row['grad_mb']:.0f} MiB)",
+                flush=True,
+            )
     return rows
 
 
@@ -340,9 +342,7 @@ def measure_time(ks: list[int], repeats: int) -> list[dict[str, float]]:
         def run(method: str, model=model, batch=batch, k=k, opt=opt) -> tuple[float, float]:
             start, cpu_start = time.perf_counter(), time.process_time()
             if method == "openclip":
-                openclip_step(
-                    model, batch, k, opt
-                )  # zero_grad + K micro-batches + the same AdamW step inside
+                openclip_step(model, batch, k, opt)  # zero_grad + K micro-batches + the same AdamW step inside
             elif method == "plain_accum":
                 opt.zero_grad(set_to_none=True)
                 step_plain_accum(model, batch, k)
@@ -463,8 +463,12 @@ def build_variant(lock: dict[str, Any] | None = None, grad_checkpointing: bool =
 
     torch.manual_seed(seed)
     model = build_dual_encoder(
-        "bench-small", MODEL_CFG, temperature=TEMPERATURE, learn_temperature=True,
-        grad_checkpointing=grad_checkpointing, **(lock or {}),
+        "bench-small",
+        MODEL_CFG,
+        temperature=TEMPERATURE,
+        learn_temperature=True,
+        grad_checkpointing=grad_checkpointing,
+        **(lock or {}),
     )
     return model.train()
 
@@ -561,11 +565,17 @@ def measure_locked_memory(n: int) -> list[dict[str, Any]]:
     for method in methods:
         out = subprocess.run(
             [sys.executable, __file__, "--locked-memory-worker", method, str(n)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"memory {method:28s} N={n}: peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
-              f"step +{rows[-1]['step_delta_mb']:.0f} MiB", flush=True)
+        print(
+            f"memory {method:28s} N={n}: peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
+            f"step +{rows[-1]['step_delta_mb']:.0f} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -667,8 +677,7 @@ def write_report(res: dict[str, Any]) -> None:
     ]
     for r in res["grad_error"]:
         lines.append(
-            f"| {r['method']} | {r['dropout']} | {r['max_rel_err_params']:.2e} "
-            f"| {r['rel_err_logit_scale']:.2e} |"
+            f"| {r['method']} | {r['dropout']} | {r['max_rel_err_params']:.2e} | {r['rel_err_logit_scale']:.2e} |"
         )
     lines += [
         "",
@@ -694,12 +703,8 @@ def write_report(res: dict[str, Any]) -> None:
     ax1.legend()
     ks = [r["k"] for r in res["time"]]
     width = 0.27
-    for i, (key, label) in enumerate(
-        (("plain_accum_s", "plain accum"), ("dga_s", "DGA"), ("openclip_s", "OpenCLIP"))
-    ):
-        ax2.bar(
-            [j + (i - 1) * width for j in range(len(ks))], [r[key] for r in res["time"]], width, label=label
-        )
+    for i, (key, label) in enumerate((("plain_accum_s", "plain accum"), ("dga_s", "DGA"), ("openclip_s", "OpenCLIP"))):
+        ax2.bar([j + (i - 1) * width for j in range(len(ks))], [r[key] for r in res["time"]], width, label=label)
     ax2.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
     ax2.set_ylabel("CPU s / optimizer step (1 thread)")
     ax2.set_title("step time")

@@ -9,8 +9,7 @@ last one does not depend on what else runs on the machine, so it is the ratio to
 
 OpenCLIP's pipeline pins ``webdataset<=0.2.86`` while this project uses webdataset 1.x, so its side runs as a
 subprocess in its own virtual environment, ``.cache/bench-venv`` (created on the first run by
-``common.ensure_venv``: ``pip install webdataset==0.2.86 open_clip_torch pandas`` at our open_clip version, over
-this environment's torch).
+``common.ensure_venv``: ``pip install --no-deps webdataset==0.2.86`` over this environment's open_clip and torch).
 
 Usage: ``python bench/bench_loader.py [--samples 2000] [--workers 2] [--batch-size 64] [--image-size 224]``.
 Writes ``bench/results/loader.json`` and prints a markdown table plus one summary line.
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache"
+CACHE = common.CACHE
 SHARDS = CACHE / "bench-shards"
 VENV = CACHE / "bench-venv"
 RESULTS = ROOT / "bench" / "results"
@@ -50,10 +49,8 @@ def write_shards(n: int) -> str:
 
 
 def ensure_venv() -> Path:
-    """OpenCLIP's environment: webdataset 0.2.86 + open_clip_torch at our version, this machine's torch."""
-    import open_clip
-
-    return common.ensure_venv(VENV, [f"open_clip_torch=={open_clip.__version__}", "webdataset==0.2.86", "pandas"])
+    """OpenCLIP's environment: webdataset 0.2.86 over this one (open_clip_torch at our version, torch)."""
+    return common.ensure_venv(VENV, ["webdataset==0.2.86"])
 
 
 # ------------------------------------------------------------------------------------------------ workers

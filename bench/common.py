@@ -15,6 +15,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# Benchmark shards and peer virtualenvs (rebuilt on demand): $ZEROVL_BENCH_CACHE, else .cache/ of the checkout.
+CACHE = Path(os.environ.get("ZEROVL_BENCH_CACHE") or ROOT / ".cache")
 
 
 def write_shards(folder: Path, n: int, size: tuple[int, int] = (640, 480), shard_size: int = 250) -> str:
@@ -66,8 +68,6 @@ def ensure_venv(venv: Path, requirements: Sequence[str]) -> Path:
     registries with pip take precedence (e.g. open_clip_train's ``webdataset<=0.2.86``). Rebuilt only when
     ``requirements`` change. Returns the venv's python.
     """
-    import site
-
     venv = Path(venv)
     py = venv / "bin" / "python"
     want = " ".join(requirements)
@@ -83,8 +83,12 @@ def ensure_venv(venv: Path, requirements: Sequence[str]) -> Path:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    (Path(purelib) / "zerovl_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *requirements], check=True)
+    # every site-packages folder this interpreter sees (a venv sharing another's packages lists both)
+    parent = [p for p in sys.path if p.endswith("site-packages")]
+    (Path(purelib) / "zerovl_parent_env.pth").write_text("\n".join(parent) + "\n")
+    # --no-deps: everything else the peer needs is already visible through the .pth; resolving dependencies
+    # would reinstall torch (a machine constraint like torch<=2.14.1 excludes a local build 2.14.1+cu130)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *requirements], check=True)
     marker.write_text(want)
     return py
 

@@ -138,22 +138,22 @@ class ContrastiveLoss(nn.Module):
         targets: SoftTargets | None = None,
     ) -> torch.Tensor:
         world = world_info()
-        n = image_emb.shape[0]
-        offset = world.rank * n
-        if not world.distributed:
-            all_image, all_text = image_emb, text_emb
-        elif self.gather_with_grad:
-            all_image = all_gather_with_grad(image_emb, world)  # [N, D]
-            all_text = all_gather_with_grad(text_emb, world)
-        else:
-            all_image = _replace_rows(all_gather_no_grad(image_emb.detach(), world), image_emb, offset)
-            all_text = _replace_rows(all_gather_no_grad(text_emb.detach(), world), text_emb, offset)
+        offset = world.rank * image_emb.shape[0]
+        all_image = gather_rows(image_emb, world, offset, self.gather_with_grad)  # [N, D]
+        all_text = gather_rows(text_emb, world, offset, self.gather_with_grad)
         share = contrastive_loss_local(image_emb, text_emb, all_image, all_text, logit_scale_exp, offset, targets)
         return share * world.world_size  # local mean: the shares of the W ranks sum to L, so this averages to L
 
 
-def _replace_rows(full: torch.Tensor, local: torch.Tensor, offset: int) -> torch.Tensor:
-    return torch.cat([full[:offset], local, full[offset + local.shape[0] :]], dim=0)
+def gather_rows(x: torch.Tensor, world: WorldInfo, offset: int, with_grad: bool) -> torch.Tensor:
+    """All ranks' rows of ``x`` [n, D] → [N, D] in rank order. ``with_grad``: differentiable for every row
+    (the full-batch gradient under DDP); else only this rank's rows (at ``offset``) keep their gradient."""
+    if not world.distributed:
+        return x
+    if with_grad:
+        return all_gather_with_grad(x, world)
+    full = all_gather_no_grad(x.detach(), world)
+    return torch.cat([full[:offset], x, full[offset + x.shape[0] :]], dim=0)
 
 
 @dataclass

@@ -8,8 +8,8 @@ excluded), images/s including start-up, and images per CPU-second of the loader 
 last one does not depend on what else runs on the machine, so it is the ratio to trust on a shared box.
 
 OpenCLIP's pipeline pins ``webdataset<=0.2.86`` while this project uses webdataset 1.x, so its side runs as a
-subprocess in its own virtual environment, ``.cache/bench-venv`` (created on the first run with ``pip install
-webdataset==0.2.86 open_clip_torch torch torchvision pandas`` at this machine's versions).
+subprocess in its own virtual environment, ``.cache/bench-venv`` (created on the first run by
+``common.ensure_venv``: ``pip install --no-deps webdataset==0.2.86`` over this environment's open_clip and torch).
 
 Usage: ``python bench/bench_loader.py [--samples 2000] [--workers 2] [--batch-size 64] [--image-size 224]``.
 Writes ``bench/results/loader.json`` and prints a markdown table plus one summary line.
@@ -28,8 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache"
+CACHE = common.CACHE
 SHARDS = CACHE / "bench-shards"
 VENV = CACHE / "bench-venv"
 RESULTS = ROOT / "bench" / "results"
@@ -41,62 +44,13 @@ TOKENIZER = "ViT-B-32"
 
 
 def write_shards(n: int) -> str:
-    """``n`` photo-like 640×480 JPEGs (smooth colour fields + noise, ~80 kB) in shards of 250; idempotent."""
-    marker = SHARDS / f"done-{n}"
-    num_shards = (n + SHARD_SIZE - 1) // SHARD_SIZE
-    pattern = str(SHARDS / f"shard-{{000000..{num_shards - 1:06d}}}.tar")
-    if marker.exists():
-        return pattern
-    import io
-
-    import numpy as np
-    import webdataset as wds
-    from PIL import Image
-
-    SHARDS.mkdir(parents=True, exist_ok=True)
-    for old in SHARDS.glob("*"):
-        old.unlink()
-    rng = np.random.default_rng(0)
-    noise = rng.normal(0, 6, (480, 640, 3)).astype(np.int16)  # sensor-like noise, shifted per image
-    words = "red green blue dog cat tree house car sky river mountain city beach flower bird street".split()
-    shards = []
-    for s in range(num_shards):
-        name = f"shard-{s:06d}.tar"
-        count = min(SHARD_SIZE, n - s * SHARD_SIZE)
-        with wds.TarWriter(str(SHARDS / name)) as tw:
-            for i in range(s * SHARD_SIZE, s * SHARD_SIZE + count):
-                small = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
-                img = np.asarray(Image.fromarray(small).resize((640, 480), Image.BICUBIC), dtype=np.int16)
-                shift = tuple(rng.integers(0, 400, 2))
-                img = (img + np.roll(noise, shift, axis=(0, 1))).clip(0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="JPEG", quality=90)
-                caption = "a photo of " + " ".join(rng.choice(words, size=8))
-                tw.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "txt": caption})
-        shards.append({"file": name, "num_samples": count})
-    stats = {"num_samples": n, "num_shards": num_shards, "num_images": n, "shards": shards}
-    (SHARDS / "stats.json").write_text(json.dumps(stats))
-    marker.touch()
-    return pattern
+    """``n`` photo-like 640×480 JPEGs (~80 kB) in shards of 250 under .cache/bench-shards; idempotent."""
+    return common.write_shards(SHARDS, n, size=(640, 480), shard_size=SHARD_SIZE)
 
 
 def ensure_venv() -> Path:
-    """OpenCLIP's environment: webdataset 0.2.86 + open_clip_torch + this machine's torch/torchvision."""
-    import open_clip
-    import torch
-    import torchvision
-
-    py = VENV / "bin" / "python"
-    want = f"torch=={torch.__version__.split('+')[0]} torchvision=={torchvision.__version__.split('+')[0]}"
-    want += f" open_clip_torch=={open_clip.__version__} webdataset==0.2.86 pandas"
-    marker = VENV / "zerovl-bench-requirements.txt"
-    if py.exists() and marker.exists() and marker.read_text() == want:
-        return py
-    print(f"[bench] creating {VENV} ({want}); first run only, takes a few minutes", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *want.split()], check=True)
-    marker.write_text(want)
-    return py
+    """OpenCLIP's environment: webdataset 0.2.86 over this one (open_clip_torch at our version, torch)."""
+    return common.ensure_venv(VENV, ["webdataset==0.2.86"])
 
 
 # ------------------------------------------------------------------------------------------------ workers

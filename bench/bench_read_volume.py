@@ -45,15 +45,20 @@ def epoch(info: SourceInfo, split: str) -> dict[str, float]:
     t0 = time.process_time()
     opened = samples = 0
     for slot in range(slots):
-        s = SlotStream(info, slot=slot, num_slots=slots, epoch=0, seed=0, split=split, resampled=False,
-                       shuffle_buffer=100)
+        s = SlotStream(
+            info, slot=slot, num_slots=slots, epoch=0, seed=0, split=split, resampled=False, shuffle_buffer=100
+        )
         for _ in range(s._pass_length()):
             s.next_raw()
             samples += 1
         opened += s.opened_bytes
     source_bytes = sum(Path(u).stat().st_size for u in info.urls)
-    return {"reads_per_epoch": opened / source_bytes, "samples": samples, "cpu_s": time.process_time() - t0,
-            "shards": len(info.urls)}
+    return {
+        "reads_per_epoch": opened / source_bytes,
+        "samples": samples,
+        "cpu_s": time.process_time() - t0,
+        "shards": len(info.urls),
+    }
 
 
 def main() -> None:

@@ -84,7 +84,10 @@ def measure(root: Path, fraction: float, how: str) -> dict[str, float]:
     t0 = time.time()
     out = subprocess.run(
         [sys.executable, "-c", CHILD, f"{t0:.6f}", str(root), str(fraction), how],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

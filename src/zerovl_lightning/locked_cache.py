@@ -74,11 +74,7 @@ def _locked_tower(
         return _Tower(name, "whole tower", clip, encode_attr)
     for trunk_name in ("trunk", "transformer"):  # timm image tower / HF text tower: a frozen trunk, a head
         trunk = getattr(module, trunk_name, None)
-        if (
-            isinstance(trunk, nn.Module)
-            and not hasattr(trunk, "resblocks")
-            and not _trainable(trunk.parameters())
-        ):
+        if isinstance(trunk, nn.Module) and not hasattr(trunk, "resblocks") and not _trainable(trunk.parameters()):
             return _Tower(name, "trunk", trunk, "forward")
     blocks = getattr(getattr(module, "transformer", None), "resblocks", None)
     if not isinstance(blocks, nn.ModuleList):
@@ -174,9 +170,7 @@ class LockedTowerCache:
         undo = []
         for t in self.towers:
             if t.kind == "blocks":
-                hook = t.blocks[t.prefix - 1].register_forward_hook(
-                    lambda _m, _i, out, _t=t: self._keep(_t, k, out)
-                )
+                hook = t.blocks[t.prefix - 1].register_forward_hook(lambda _m, _i, out, _t=t: self._keep(_t, k, out))
                 undo.append(hook.remove)
                 continue
             original = getattr(t.owner, t.attr)
@@ -187,11 +181,8 @@ class LockedTowerCache:
                 return out
 
             undo.append(_shadow(t.owner, t.attr, run))
-        try:
+        with _undone(undo):
             yield
-        finally:
-            for u in undo:
-                u()
 
     @contextmanager
     def replay(self, k: int) -> Iterator[None]:
@@ -209,11 +200,18 @@ class LockedTowerCache:
                 undo.extend(_shadow(t.blocks[i], "forward", _skip) for i in range(1, t.prefix))
             else:
                 undo.append(_shadow(t.owner, t.attr, cached))
-        try:
+        with _undone(undo):
             yield
-        finally:
-            for u in undo:
-                u()
+
+
+@contextmanager
+def _undone(undo: list[Any]) -> Iterator[None]:
+    """Run the body, then every undo callable (the hooks and shadows a pass installed), even on error."""
+    try:
+        yield
+    finally:
+        for u in undo:
+            u()
 
 
 def _shadow(owner: Any, attr: str, fn: Any) -> Any:

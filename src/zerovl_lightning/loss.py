@@ -79,15 +79,11 @@ def _target_columns(
     if targets is None:
         return 1.0, None
     if targets.partner.numel() != num_global:
-        raise ValueError(
-            f"targets.partner has {targets.partner.numel()} entries, the global batch has {num_global}"
-        )
+        raise ValueError(f"targets.partner has {targets.partner.numel()} entries, the global batch has {num_global}")
     return float(targets.alpha), targets.partner.to(rows.device)[rows]
 
 
-def _soft_nll(
-    logits: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor | None, alpha: float
-) -> torch.Tensor:
+def _soft_nll(logits: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """Σ over the local rows of −Σ_j Y_ij log softmax(logits_i)_j  (a sum, not a mean). logits [n, N]."""
     logp = logits.log_softmax(dim=-1)  # [n, N]
     nll = -logp.gather(1, rows[:, None]).sum()
@@ -116,9 +112,7 @@ def contrastive_loss_local(
         logits_per_text = scale * to_fp32(text_emb) @ to_fp32(all_image_emb).T  # [n, N]
         rows = torch.arange(offset, offset + n, device=image_emb.device)
         alpha, partner = _target_columns(rows, targets, num)
-        total = _soft_nll(logits_per_image, rows, partner, alpha) + _soft_nll(
-            logits_per_text, rows, partner, alpha
-        )
+        total = _soft_nll(logits_per_image, rows, partner, alpha) + _soft_nll(logits_per_text, rows, partner, alpha)
         return total / (2 * num)
 
 
@@ -144,26 +138,22 @@ class ContrastiveLoss(nn.Module):
         targets: SoftTargets | None = None,
     ) -> torch.Tensor:
         world = world_info()
-        n = image_emb.shape[0]
-        offset = world.rank * n
-        if not world.distributed:
-            all_image, all_text = image_emb, text_emb
-        elif self.gather_with_grad:
-            all_image = all_gather_with_grad(image_emb, world)  # [N, D]
-            all_text = all_gather_with_grad(text_emb, world)
-        else:
-            all_image = _replace_rows(all_gather_no_grad(image_emb.detach(), world), image_emb, offset)
-            all_text = _replace_rows(all_gather_no_grad(text_emb.detach(), world), text_emb, offset)
-        share = contrastive_loss_local(
-            image_emb, text_emb, all_image, all_text, logit_scale_exp, offset, targets
-        )
-        return (
-            share * world.world_size
-        )  # local mean: the shares of the W ranks sum to L, so this averages to L
+        offset = world.rank * image_emb.shape[0]
+        all_image = gather_rows(image_emb, world, offset, self.gather_with_grad)  # [N, D]
+        all_text = gather_rows(text_emb, world, offset, self.gather_with_grad)
+        share = contrastive_loss_local(image_emb, text_emb, all_image, all_text, logit_scale_exp, offset, targets)
+        return share * world.world_size  # local mean: the shares of the W ranks sum to L, so this averages to L
 
 
-def _replace_rows(full: torch.Tensor, local: torch.Tensor, offset: int) -> torch.Tensor:
-    return torch.cat([full[:offset], local, full[offset + local.shape[0] :]], dim=0)
+def gather_rows(x: torch.Tensor, world: WorldInfo, offset: int, with_grad: bool) -> torch.Tensor:
+    """All ranks' rows of ``x`` [n, D] → [N, D] in rank order. ``with_grad``: differentiable for every row
+    (the full-batch gradient under DDP); else only this rank's rows (at ``offset``) keep their gradient."""
+    if not world.distributed:
+        return x
+    if with_grad:
+        return all_gather_with_grad(x, world)
+    full = all_gather_no_grad(x.detach(), world)
+    return torch.cat([full[:offset], x, full[offset + x.shape[0] :]], dim=0)
 
 
 @dataclass
@@ -200,63 +190,47 @@ def embedding_gradients(
     """
     world = world if world is not None else world_info()
     with fp32_math(image_emb.device):
-        return _embedding_gradients_fp32(
-            image_emb, text_emb, all_image_emb, all_text_emb, logit_scale, offset, targets, world
-        )
+        u, v = to_fp32(image_emb), to_fp32(text_emb)  # [n, D]
+        u_all, v_all = to_fp32(all_image_emb), to_fp32(all_text_emb)  # [N, D]
+        n, num = u.shape[0], u_all.shape[0]
+        scale = to_fp32(logit_scale.detach()).exp()
+        rows = torch.arange(offset, offset + n, device=u.device)
+        alpha, partner = _target_columns(rows, targets, num)
 
+        s_img = scale * u @ v_all.T  # [n, N]: s_ij for local images i
+        s_txt = scale * v @ u_all.T  # [n, N]: s_ij (transposed) for local texts j
+        lse_img = s_img.logsumexp(dim=1)  # [n]: log Σ_j exp s_ij
+        lse_txt = s_txt.logsumexp(dim=1)  # [n]: log Σ_i exp s_ij
+        lse_all = all_gather_no_grad(torch.stack([lse_img, lse_txt], dim=1), world)  # [N, 2]
+        lse_img_all, lse_txt_all = lse_all[:, 0], lse_all[:, 1]
 
-def _embedding_gradients_fp32(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    all_image_emb: torch.Tensor,
-    all_text_emb: torch.Tensor,
-    logit_scale: torch.Tensor,
-    offset: int,
-    targets: SoftTargets | None,
-    world: WorldInfo,
-) -> EmbeddingGrads:
-    """The body of :func:`embedding_gradients`, called with autocast off."""
-    u, v = to_fp32(image_emb), to_fp32(text_emb)  # [n, D]
-    u_all, v_all = to_fp32(all_image_emb), to_fp32(all_text_emb)  # [N, D]
-    n, num = u.shape[0], u_all.shape[0]
-    scale = to_fp32(logit_scale.detach()).exp()
-    rows = torch.arange(offset, offset + n, device=u.device)
-    alpha, partner = _target_columns(rows, targets, num)
+        # Rows of G for local images i: P_ij + Q_ji − 2Y_ij; columns of G for local texts j: P_ij + Q_ji − 2Y_ij.
+        g_img = (s_img - lse_img[:, None]).exp_() + (s_img - lse_txt_all[None, :]).exp_()  # [n, N], Y part below
+        g_txt = (s_txt - lse_txt[:, None]).exp_() + (s_txt - lse_img_all[None, :]).exp_()  # [n, N]
 
-    s_img = scale * u @ v_all.T  # [n, N]: s_ij for local images i
-    s_txt = scale * v @ u_all.T  # [n, N]: s_ij (transposed) for local texts j
-    lse_img = s_img.logsumexp(dim=1)  # [n]: log Σ_j exp s_ij
-    lse_txt = s_txt.logsumexp(dim=1)  # [n]: log Σ_i exp s_ij
-    lse_all = all_gather_no_grad(torch.stack([lse_img, lse_txt], dim=1), world)  # [N, 2]
-    lse_img_all, lse_txt_all = lse_all[:, 0], lse_all[:, 1]
+        # Y·(·) without Y: α at the own column, 1−α at the partner column.
+        def y_rows(x_all: torch.Tensor) -> torch.Tensor:  # Σ_j Y_ij x_j for the local rows i → [n, ...]
+            out = x_all[rows] if partner is None else alpha * x_all[rows] + (1.0 - alpha) * x_all[partner]
+            return out
 
-    # Rows of G for local images i: P_ij + Q_ji − 2Y_ij; columns of G for local texts j: P_ij + Q_ji − 2Y_ij.
-    g_img = (s_img - lse_img[:, None]).exp_() + (s_img - lse_txt_all[None, :]).exp_()  # [n, N], Y part below
-    g_txt = (s_txt - lse_txt[:, None]).exp_() + (s_txt - lse_img_all[None, :]).exp_()  # [n, N]
+        def y_dot(s: torch.Tensor) -> torch.Tensor:  # Σ_j Y_ij s_ij for the local rows → [n]
+            own = s.gather(1, rows[:, None]).squeeze(1)
+            if partner is None:
+                return own
+            return alpha * own + (1.0 - alpha) * s.gather(1, partner[:, None]).squeeze(1)
 
-    # Y·(·) without Y: α at the own column, 1−α at the partner column.
-    def y_rows(x_all: torch.Tensor) -> torch.Tensor:  # Σ_j Y_ij x_j for the local rows i → [n, ...]
-        out = x_all[rows] if partner is None else alpha * x_all[rows] + (1.0 - alpha) * x_all[partner]
-        return out
+        coef = scale / (2 * num)
+        grad_image = coef * (g_img @ v_all - 2.0 * y_rows(v_all))  # [n, D]
+        grad_text = coef * (g_txt @ u_all - 2.0 * y_rows(u_all))  # [n, D]
 
-    def y_dot(s: torch.Tensor) -> torch.Tensor:  # Σ_j Y_ij s_ij for the local rows → [n]
-        own = s.gather(1, rows[:, None]).squeeze(1)
-        if partner is None:
-            return own
-        return alpha * own + (1.0 - alpha) * s.gather(1, partner[:, None]).squeeze(1)
-
-    coef = scale / (2 * num)
-    grad_image = coef * (g_img @ v_all - 2.0 * y_rows(v_all))  # [n, D]
-    grad_text = coef * (g_txt @ u_all - 2.0 * y_rows(u_all))  # [n, D]
-
-    y_s_img, y_s_txt = y_dot(s_img), y_dot(s_txt)  # [n]
-    # Σ_ij G_ij s_ij split by ownership: the P (and Y) terms of local image rows, the Q (and Y) terms of
-    # local texts.
-    p_s = ((s_img - lse_img[:, None]).exp() * s_img).sum()
-    q_s = ((s_txt - lse_txt[:, None]).exp() * s_txt).sum()
-    grad_logit_scale = (p_s + q_s - y_s_img.sum() - y_s_txt.sum()) / (2 * num)
-    loss_share = ((lse_img - y_s_img).sum() + (lse_txt - y_s_txt).sum()) / (2 * num)
-    return EmbeddingGrads(loss_share, grad_image, grad_text, grad_logit_scale)
+        y_s_img, y_s_txt = y_dot(s_img), y_dot(s_txt)  # [n]
+        # Σ_ij G_ij s_ij split by ownership: the P (and Y) terms of local image rows, the Q (and Y) terms of
+        # local texts.
+        p_s = ((s_img - lse_img[:, None]).exp() * s_img).sum()
+        q_s = ((s_txt - lse_txt[:, None]).exp() * s_txt).sum()
+        grad_logit_scale = (p_s + q_s - y_s_img.sum() - y_s_txt.sum()) / (2 * num)
+        loss_share = ((lse_img - y_s_img).sum() + (lse_txt - y_s_txt).sum()) / (2 * num)
+        return EmbeddingGrads(loss_share, grad_image, grad_text, grad_logit_scale)
 
 
 def embedding_gradients_autograd(

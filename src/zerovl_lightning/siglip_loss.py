@@ -27,15 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerovl_lightning.distributed import WorldInfo, all_gather_no_grad, all_gather_with_grad, world_info
-from zerovl_lightning.loss import EmbeddingGrads, SoftTargets, _replace_rows, _target_columns, to_fp32
+from zerovl_lightning.distributed import WorldInfo, world_info
+from zerovl_lightning.loss import EmbeddingGrads, SoftTargets, _target_columns, fp32_math, gather_rows, to_fp32
 
 SIGLIP_INIT_SCALE = 10.0  # t, i.e. logit_scale = log 10 (temperature 0.1)
 SIGLIP_INIT_BIAS = -10.0
-
-
-def _no_autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +39,7 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(-x)
 
 
-def _target_dot(
-    logits: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor | None, alpha: float
-) -> torch.Tensor:
+def _target_dot(logits: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """Σ_ij y_ij·l_ij over the local rows, by index arithmetic (no N×N target matrix). logits [n, N]."""
     own = logits.gather(1, rows[:, None]).sum()
     if partner is None or alpha == 1.0:
@@ -80,7 +74,7 @@ def siglip_loss_local(
     image_emb [n, D] are rows ``offset … offset+n`` of the global batch; all_text_emb [N, D].
     """
     n, num = image_emb.shape[0], all_text_emb.shape[0]
-    with _no_autocast(image_emb.device):
+    with fp32_math(image_emb.device):
         logits = to_fp32(logit_scale_exp) * to_fp32(image_emb) @ to_fp32(all_text_emb).T  # [n, N]
         logits = logits + to_fp32(logit_bias)
         rows = torch.arange(offset, offset + n, device=image_emb.device)
@@ -110,12 +104,7 @@ class SigLipLoss(nn.Module):
     ) -> torch.Tensor:
         world = world_info()
         offset = world.rank * image_emb.shape[0]
-        if not world.distributed:
-            all_text = text_emb
-        elif self.gather_with_grad:
-            all_text = all_gather_with_grad(text_emb, world)  # [N, D]
-        else:
-            all_text = _replace_rows(all_gather_no_grad(text_emb.detach(), world), text_emb, offset)
+        all_text = gather_rows(text_emb, world, offset, self.gather_with_grad)  # [N, D]
         share = siglip_loss_local(image_emb, all_text, logit_scale_exp, logit_bias, offset, targets)
         return share * world.world_size
 
@@ -144,7 +133,7 @@ def siglip_embedding_gradients(
     ``logit_scale`` is the parameter log t. No collective; memory: two ``n × N`` fp32 matrices.
     """
     del world  # element-wise σ: the local rows and columns of G need nothing from other ranks
-    with _no_autocast(image_emb.device):
+    with fp32_math(image_emb.device):
         u, v = to_fp32(image_emb), to_fp32(text_emb)  # [n, D]
         u_all, v_all = to_fp32(all_image_emb), to_fp32(all_text_emb)  # [N, D]
         n, num = u.shape[0], u_all.shape[0]

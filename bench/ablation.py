@@ -9,7 +9,12 @@ writes, under ``--out`` (default bench/results/ablation):
 - ``.md``: mean ± standard error (over seeds) per arm and held-out set;
 - ``.png``: mean held-out RSUM per arm, ± 1 standard error, seeds as dots.
 
-Usage: ``python bench/ablation.py SWEEP_DIR [--out bench/results/ablation] [--wall-s SECONDS] [--load "..."]``
+A sweep with fewer finished jobs than its ``multirun.yaml`` asked for (a job failed, or the sweep was stopped: Lightning
+ends a SIGTERM'd fit quietly, so the multirun can exit 0) is refused unless ``--allow-partial``; a partial summary says
+so in its ``.md`` and its ``"jobs"`` entry.
+
+Usage: ``python bench/ablation.py SWEEP_DIR [--out bench/results/ablation] [--wall-s SECONDS] [--load "..."]
+[--allow-partial]``
 """
 
 from __future__ import annotations
@@ -57,12 +62,24 @@ def read_job(job: Path) -> tuple[str, dict] | None:
     return arm, {**run, "_setting": setting}
 
 
+def expected_jobs(sweep: Path) -> int | None:
+    """How many jobs the multirun asked for: the product of its sweep overrides' lengths (None: no multirun.yaml)."""
+    multirun = sweep / "multirun.yaml"
+    if not multirun.is_file():
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = yaml.safe_load(multirun.read_text())["hydra"]["overrides"]["task"]
+    overrides = OverridesParser.create().parse_overrides(task)
+    return math.prod(len(list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override())
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (0 for a single value)."""
     return mean(values), (stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-def summarise(sweep: Path) -> dict:
+def summarise(sweep: Path, allow_partial: bool = False) -> dict:
     arms: dict[str, dict] = {}
     settings = []
     for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
@@ -77,10 +94,17 @@ def summarise(sweep: Path) -> dict:
         raise SystemExit(f"{sweep}: no finished ablation jobs (folders 0/, 1/, … with eval/zeroshot_retrieval.json)")
     if any(s != settings[0] for s in settings):
         raise SystemExit(f"{sweep}: the jobs ran with different settings: {settings}")
+    expected = expected_jobs(sweep)
+    if expected is not None and len(settings) < expected and not allow_partial:
+        raise SystemExit(
+            f"{sweep}: {len(settings)} of the {expected} jobs in multirun.yaml finished; rerun the sweep, or pass "
+            "--allow-partial to summarise what finished"
+        )
     for arm in arms.values():
         arm["seeds"].sort(key=lambda r: r["seed"])
         arm["mean_rsum"], arm["se_rsum"] = mean_se([r["mean_rsum"] for r in arm["seeds"]])
     out = {"arms": {a: arms[a] for a in (*ARMS, *sorted(set(arms) - set(ARMS))) if a in arms}, "setting": settings[0]}
+    out["jobs"] = {"finished": len(settings), "expected": expected}
     if "zerovl" in arms and "baseline" in arms:
         diff = arms["zerovl"]["mean_rsum"] - arms["baseline"]["mean_rsum"]
         se = math.hypot(arms["zerovl"]["se_rsum"], arms["baseline"]["se_rsum"])
@@ -88,6 +112,14 @@ def summarise(sweep: Path) -> dict:
         out["zerovl_minus_baseline_se"] = se
         out["zerovl_above_baseline_by_2se"] = bool(se > 0 and diff > 2 * se)
     return out
+
+
+def partial_note(summary: dict) -> list[str]:
+    """A warning line (and a blank) when the summary covers only part of its sweep."""
+    jobs = summary.get("jobs") or {}
+    if jobs.get("expected") is None or jobs["finished"] >= jobs["expected"]:
+        return []
+    return [f"**Partial sweep: {jobs['finished']} of {jobs['expected']} jobs finished.**", ""]
 
 
 def markdown(summary: dict) -> str:
@@ -99,6 +131,7 @@ def markdown(summary: dict) -> str:
         f"{st['batch_size']}, DGA arms {st['dga_batch_size']} per step in sub-batches of {st['batch_size']}); "
         "mean ± standard error over seeds, recalls in %.",
         "",
+        *partial_note(summary),
         "| arm | seeds | mean RSUM | " + " | ".join(f"{s} RSUM | {s} i→t R@1" for s in sets) + " |",
         "|---|---:|---:|" + "---:|---:|" * len(sets),
     ]
@@ -146,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ablation")
     parser.add_argument("--wall-s", type=float, default=None, help="wall time of the sweep, for the record")
     parser.add_argument("--load", default=None, help="machine load during the sweep (uptime), for the record")
+    parser.add_argument("--allow-partial", action="store_true", help="summarise a sweep with unfinished jobs")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         raise SystemExit(f"{args.sweep}: not a folder; give the multirun folder of `make ablate`")
-    summary = summarise(args.sweep)
+    summary = summarise(args.sweep, allow_partial=args.allow_partial)
     if args.wall_s is not None:
         summary["wall_s"] = args.wall_s
     if args.load is not None:

@@ -33,8 +33,12 @@ def _job(sweep: Path, num: int, arm: str, seed: int, rsums: dict[str, float], st
     }
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     records = [
-        {"task": "zeroshot_retrieval", "dataset": name, "step": steps,
-         "metrics": {"rsum": r, "i2t_r1": r / 600, "t2i_r1": r / 600}}
+        {
+            "task": "zeroshot_retrieval",
+            "dataset": name,
+            "step": steps,
+            "metrics": {"rsum": r, "i2t_r1": r / 600, "t2i_r1": r / 600},
+        }
         for name, r in rsums.items()
     ]
     (job / "eval" / "zeroshot_retrieval.json").write_text(json.dumps(records))
@@ -69,3 +73,36 @@ def test_jobs_with_different_settings_are_refused(tmp_path: Path) -> None:
     _job(tmp_path, 1, "zerovl", 1, {"a": 1.0}, steps=8)
     with pytest.raises(SystemExit, match="different settings"):
         ab.summarise(tmp_path)
+
+
+def _multirun(sweep: Path, task: list[str]) -> None:
+    """The multirun.yaml Hydra writes at the top of a sweep, reduced to the overrides the summariser reads."""
+    sweep.mkdir(parents=True, exist_ok=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"hydra": [], "task": task}}}))
+
+
+def test_partial_sweep_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """A stopped sweep (2 of the 2 × 2 jobs finished) is not summarised as if it were whole."""
+    ab = _summariser()
+    sweep = tmp_path / "sweep"
+    _multirun(sweep, ["experiment=ablation", "seed=1,2", "+ablation_arm=baseline,zerovl"])
+    _job(sweep, 0, "baseline", 1, {"a": 100.0})
+    _job(sweep, 1, "zerovl", 1, {"a": 120.0})
+    (sweep / "2").mkdir()  # started, killed before its evaluation
+    with pytest.raises(SystemExit, match="2 of the 4 jobs in multirun.yaml finished"):
+        ab.summarise(sweep)
+    out = tmp_path / "out" / "ablation"
+    assert ab.main([str(sweep), "--out", str(out), "--allow-partial"]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["jobs"] == {"finished": 2, "expected": 4}
+    assert "**Partial sweep: 2 of 4 jobs finished.**" in out.with_suffix(".md").read_text()
+
+
+def test_whole_sweep_has_no_partial_note(tmp_path: Path) -> None:
+    ab = _summariser()
+    _multirun(tmp_path, ["experiment=ablation", "seed=1", "+ablation_arm=baseline,zerovl"])
+    _job(tmp_path, 0, "baseline", 1, {"a": 100.0})
+    _job(tmp_path, 1, "zerovl", 1, {"a": 120.0})
+    summary = ab.summarise(tmp_path)
+    assert summary["jobs"] == {"finished": 2, "expected": 2}
+    assert "Partial" not in ab.markdown(summary)

@@ -76,7 +76,7 @@ class ZeroVLModule(L.LightningModule):
         else:
             model = to_portable(model)  # asset paths stay ${zerovl.asset:…}: the checkpoint loads on any machine
             self.save_hyperparameters({"model": model})
-            self.model = instantiate(model)
+            self.model = instantiate(model, _convert_="all")
         self.optimizer_cfg = dict(to_plain(optimizer) or DEFAULT_OPTIMIZER)
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(to_plain(scheduler) or {})}
         self.save_hyperparameters(
@@ -202,22 +202,6 @@ class ZeroVLModule(L.LightningModule):
             self.log("mixup/alpha", plan.alpha, batch_size=batch_size)
             self.log("mixup/modality", plan.modality_code, batch_size=batch_size)  # 0 none, 1 image, 2 text
 
-    def setup(self, stage: str) -> None:
-        """Reject a sub-batch that does not divide the per-rank batch before any work."""
-        if self.sub_batch_size is None or self._trainer is None:
-            return
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is not None and int(batch_size) % self.sub_batch_size:
-            raise ValueError(
-                f"module.sub_batch_size={self.sub_batch_size} must divide data.batch_size={batch_size} "
-                "(the per-rank batch of one optimizer step)"
-            )
-        if batch_size is not None and int(batch_size) == self.sub_batch_size:
-            log.warning(
-                "module.sub_batch_size equals data.batch_size: DGA with one sub-batch costs an extra "
-                "forward per step; drop module.sub_batch_size to train with the plain step"
-            )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """DGA path only: clip after AMP unscaling (the plain path clips via Trainer(gradient_clip_val))."""
         clip = self.dga_cfg.get("gradient_clip_val")
@@ -259,17 +243,6 @@ class ZeroVLModule(L.LightningModule):
         """Clamp τ right after the update, so the checkpoint a callback saves at batch end holds the clamped value."""
         super().optimizer_step(*args, **kwargs)
         self.model.clamp_temperature_()
-
-    def on_train_epoch_end(self) -> None:
-        """Log the bad samples skipped so far, per source and kind (summed over ranks; a collective)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        counts_fn = getattr(datamodule, "bad_sample_counts", None)
-        if not callable(counts_fn):
-            return
-        counts = counts_fn(sync=self.trainer.world_size > 1)
-        flat = {f"data/bad/{src}/{kind}": float(n) for src, kinds in counts.items() for kind, n in kinds.items()}
-        if flat:
-            self.log_dict(flat, rank_zero_only=True)
 
     # ---------------------------------------------------------------- validation (zero-shot retrieval)
     def on_validation_epoch_start(self) -> None:

@@ -16,8 +16,11 @@ import pytest
 from helpers_shards import read_shards
 from PIL import Image
 
-from zerovl_lightning.data import cli, demo
-from zerovl_lightning.data.demo import (
+from zerovl_lightning import demo
+from zerovl_lightning.data import cli
+from zerovl_lightning.data.stats import read_stats
+from zerovl_lightning.data.writers import ShardTask, write_shards
+from zerovl_lightning.demo import (
     SOURCES,
     DemoAssetsMissing,
     build_demo,
@@ -30,7 +33,6 @@ from zerovl_lightning.data.demo import (
     normalize_caption,
     render_item,
 )
-from zerovl_lightning.data.writers import ShardTask, read_stats, write_shards
 
 try:
     check_assets()
@@ -90,8 +92,10 @@ def test_subset_has_every_source_and_contract_layout(subset_cache: Path) -> None
                 im = Image.open(io.BytesIO(s["jpg"]))
                 assert im.mode == "RGB" and max(im.size) == 160
         assert total == _expected_total(source)  # nothing else lost in the subset (the first items all render)
-        held = [normalize_caption(s["txt"] if isinstance(s["txt"], str) else s["txt"].decode())
-                for s in read_shards(splits["heldout"]).values()]
+        held = [
+            normalize_caption(s["txt"] if isinstance(s["txt"], str) else s["txt"].decode())
+            for s in read_shards(splits["heldout"]).values()
+        ]
         assert len(held) == len(set(held))  # one image per held-out caption
         assert read_stats(splits["heldout"])["num_samples"] >= 1
 
@@ -137,9 +141,7 @@ def test_heldout_split_by_caption_text() -> None:
 
 def test_missing_package_error_names_package_and_apt_command(tmp_path: Path) -> None:
     with pytest.raises(DemoAssetsMissing) as e:
-        build_demo(
-            tmp_path, roots={"tuxpaint": tmp_path / "nope", "flags": tmp_path / "nope2"}, progress=False
-        )
+        build_demo(tmp_path, roots={"tuxpaint": tmp_path / "nope", "flags": tmp_path / "nope2"}, progress=False)
     msg = str(e.value)
     assert "tuxpaint-stamps-default" in msg and "iso-flags-png-320x240" in msg
     assert "apt-get install -y --no-install-recommends iso-flags-png-320x240 tuxpaint-stamps-default" in msg
@@ -260,9 +262,7 @@ def test_full_demo_build_counts(tmp_path: Path) -> None:
         assert hlo <= s[name]["heldout"]["num_samples"] <= hhi, (name, s[name])
         assert s[name]["heldout"]["num_unique_captions"] <= 400
         assert s[name]["train"]["num_shards"] >= 8
-        assert not _captions(tmp_path / "demo" / name / "train") & _captions(
-            tmp_path / "demo" / name / "heldout"
-        )
+        assert not _captions(tmp_path / "demo" / name / "train") & _captions(tmp_path / "demo" / name / "heldout")
     print(
         f"full demo build: {took:.1f}s",
         {k: (v["train"]["num_samples"], v["heldout"]["num_samples"]) for k, v in s.items()},

@@ -324,21 +324,10 @@ def test_module_mixup_state_is_checkpointed():
     assert [resumed.mixup.plan(s) for s in range(30, 40)] == [module.mixup.plan(s) for s in range(30, 40)]
 
 
-class _DataModule(L.LightningDataModule):
-    def __init__(self, batch: dict, batch_size: int) -> None:
-        super().__init__()
-        self.batch, self.batch_size = batch, batch_size
-
-    def train_dataloader(self):
-        return DataLoader([self.batch], batch_size=None)
-
-
 def test_module_rejects_sub_batch_not_dividing_batch():
     batch = _batch32()
     with pytest.raises(ValueError, match=r"module\.sub_batch_size=3 must divide data\.batch_size=8"):
-        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False).fit(
-            _zerovl_module(sub_batch_size=3), datamodule=_DataModule(batch, 8)
-        )
+        _zerovl_module(sub_batch_size=3, batch_size=8)  # the per-rank batch comes from the config (train.build)
     with pytest.raises(ValueError, match=r"module\.sub_batch_size=3 must divide data\.batch_size"):
         _fit(_zerovl_module(sub_batch_size=3), batch, precision="32-true")
     with pytest.raises(ValueError, match="sub_batch_size"):

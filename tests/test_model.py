@@ -70,6 +70,20 @@ def test_load_state_dict_by_order_checks_shapes():
         load_state_dict_by_order(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3).state_dict())
 
 
+def test_load_state_dict_by_order_refuses_extra_or_missing_tensors():
+    """A source with more (or fewer) tensors than the module is one clear error, and nothing is copied."""
+    dst = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    extra = r"has 8 tensors, the module has 6.*extra in the source: \['2.weight', '2.bias'\]"
+    with pytest.raises(ValueError, match=extra):
+        load_state_dict_by_order(dst, bigger.state_dict())
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match=r"has 6 tensors, the module has 8.*missing from the source: \['2.weight'"):
+        load_state_dict_by_order(bigger, dst.state_dict())
+
+
 def test_offline_pretrained_towers_load_and_classify(pretrained_model):
     """EfficientNet-Lite0 weights map onto timm (ImageNet head check) and MiniLM loads offline."""
     skimage_data = pytest.importorskip("skimage.data")

@@ -326,7 +326,7 @@ def test_float_tiff_and_non_utf8_captions_through_the_folder_writer(tmp_path):
     skipped and counted as bad_text_encoding (as the loader counts it), never written with U+FFFD."""
     import webdataset as wds
 
-    from zerovl_lightning.data.writers import write_folder_shards
+    from zerovl_lightning.data.sources import write_folder_shards
 
     src = tmp_path / "images"
     src.mkdir()

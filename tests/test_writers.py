@@ -14,15 +14,9 @@ from helpers_shards import image_bytes, make_zerovl_csv, read_shards, tiny_image
 from PIL import Image
 
 from zerovl_lightning.data import cli
-from zerovl_lightning.data.writers import (
-    ShardTask,
-    index_img2dataset,
-    read_stats,
-    shard_paths,
-    write_csv_shards,
-    write_folder_shards,
-    write_shards,
-)
+from zerovl_lightning.data.sources import index_img2dataset, write_csv_shards, write_folder_shards
+from zerovl_lightning.data.stats import read_stats, shard_paths
+from zerovl_lightning.data.writers import ShardTask, write_shards
 
 
 def _digests(d: Path) -> dict[str, str]:
@@ -115,15 +109,12 @@ def test_folder_with_sidecars_and_mapping_file(tmp_path: Path) -> None:
     tiny_image(1, mode="RGBA").save(d / "sub" / "b.webp")
     tiny_image(2).save(d / "c.bmp")  # not a webdataset image type: re-encoded as JPEG
     tiny_image(3).save(d / "nocap.jpg")  # no caption anywhere
-    (d / "captions.tsv").write_text(
-        "file_name\ttext\nsub/b.webp\ta blue-ish thing\n./c.bmp\tyellow\nmissing.png\tx\n"
-    )
+    (d / "captions.tsv").write_text("file_name\ttext\nsub/b.webp\ta blue-ish thing\n./c.bmp\tyellow\nmissing.png\tx\n")
 
     report = write_folder_shards(d, tmp_path / "out", progress=False)
     samples = read_shards(tmp_path / "out")
     got = sorted(
-        (s["json"]["image"], s["txt"], next(k for k in s if k not in ("txt", "json")))
-        for s in samples.values()
+        (s["json"]["image"], s["txt"], next(k for k in s if k not in ("txt", "json"))) for s in samples.values()
     )
     assert got == [
         ("a.png", "a red square", "png"),
@@ -198,9 +189,7 @@ def test_killed_writer_resumes_and_ignores_stale_temp_files(tmp_path: Path) -> N
     assert report.stats["num_samples"] == 10
 
     fresh = write_shards(tasks, tmp_path / "fresh", load, source="s", samples_per_shard=4, progress=False)
-    assert _digests(out) == _digests(
-        tmp_path / "fresh"
-    )  # resumed output = uninterrupted output, byte for byte
+    assert _digests(out) == _digests(tmp_path / "fresh")  # resumed output = uninterrupted output, byte for byte
     assert read_stats(out)["shards"] == fresh.stats["shards"]
 
 
@@ -216,9 +205,7 @@ def test_truncated_finished_shard_is_rewritten(tmp_path: Path) -> None:
 def test_worker_pool_gives_identical_shards(tmp_path: Path) -> None:
     make_zerovl_csv(tmp_path / "raw", "toy", n_images=6, captions_per_image=2, fmt="PNG")
     a = write_csv_shards(tmp_path / "raw", "toy", tmp_path / "a", samples_per_shard=5, progress=False)
-    b = write_csv_shards(
-        tmp_path / "raw", "toy", tmp_path / "b", samples_per_shard=5, workers=2, progress=False
-    )
+    b = write_csv_shards(tmp_path / "raw", "toy", tmp_path / "b", samples_per_shard=5, workers=2, progress=False)
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     assert a.stats["fingerprint"] == b.stats["fingerprint"]
 
@@ -272,9 +259,7 @@ def test_read_stats_without_stats_says_what_to_run(tmp_path: Path) -> None:
 def test_cli_csv_stats_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_zerovl_csv(tmp_path / "raw", "toy", n_images=3, captions_per_image=2)
     out = tmp_path / "shards" / "toy"
-    assert (
-        cli.main(["csv", str(tmp_path / "raw"), "toy", str(out), "--quiet", "--samples-per-shard", "4"]) == 0
-    )
+    assert cli.main(["csv", str(tmp_path / "raw"), "toy", str(out), "--quiet", "--samples-per-shard", "4"]) == 0
     text = capsys.readouterr().out
     assert "samples" in text and "written" in text
     assert read_stats(out)["num_samples"] == 6

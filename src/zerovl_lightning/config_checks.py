@@ -14,19 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from zerovl_lightning.assets import to_plain  # also registers the ${zerovl.asset:...} resolvers
+import zerovl_lightning.assets  # noqa: F401  (registers the ${zerovl.asset:...} resolvers)
 
 
 class ConfigError(ValueError):
     """A config that cannot work; the message says which key to set and how."""
 
 
-_SAMPLING = ("debias", "shuffle", "sequential")
-_WEIGHTS = ("size", "uniform", "explicit")
-_SPLITS = ("auto", "shard", "sample")
-_SOURCE_KEYS = {"path", "urls", "weight", "num_samples"}
 _CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
 
 
@@ -73,8 +69,7 @@ def _check_batches(cfg: DictConfig) -> None:
         if batch is not None and _node(cfg, "data.global_batch_size") is None and (sub > batch or batch % sub):
             raise ConfigError(
                 f"module.sub_batch_size={sub} must be a positive divisor of data.batch_size={batch} "
-                "(the per-rank batch of one optimizer step), e.g. "
-                + ", ".join(str(d) for d in _divisors(batch)[:6])
+                "(the per-rank batch of one optimizer step), e.g. " + ", ".join(str(d) for d in _divisors(batch)[:6])
             )
         accumulate = _int(cfg, "trainer.accumulate_grad_batches")
         if accumulate is not None and accumulate != 1:
@@ -135,58 +130,26 @@ def _divisors(n: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------- data
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def _check_data(cfg: DictConfig) -> None:
+    """The data package's own option check (``data/options.py``), then every source's shards exist."""
+    from zerovl_lightning.data.options import check_data_options
+
     data = _node(cfg, "data")
     if data is None or "sources" not in data:
         return  # not the ZeroVL DataModule (a notebook's or a test's own data): nothing we know to check
     if isinstance(data, DictConfig) and OmegaConf.is_missing(data, "sources"):
-        raise ConfigError(
-            "data.sources is not set: give your shard folders, e.g. 'data.sources={cc3m: /data/cc3m/}'"
-        )
-    sources = to_plain(_node(cfg, "data.sources"))
-    if not isinstance(sources, Mapping) or not sources:
-        raise ConfigError("data.sources is empty: give at least one {name: {path: <shard dir/glob/list>}}")
-    names = [str(n) for n in sources]
+        raise ConfigError("data.sources is not set: give your shard folders, e.g. 'data.sources={cc3m: /data/cc3m/}'")
+    options = {k: _plain(_node(cfg, f"data.{k}")) for k in ("sampling", "weights", "split", "order")}
+    sources, _ = check_data_options(
+        _plain(_node(cfg, "data.sources")), **{k: v for k, v in options.items() if v is not None}
+    )
     for name, spec in sources.items():
-        key = f"data.sources.{name}"
-        spec = {"path": spec} if isinstance(spec, (str, list)) else dict(spec or {})
-        unknown = set(spec) - _SOURCE_KEYS
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SOURCE_KEYS)}")
-        if ("path" in spec) == ("urls" in spec):
-            raise ConfigError(f"{key}: give exactly one of `path` or `urls`")
         field = "path" if "path" in spec else "urls"
-        if spec[field] in (None, "", []):
-            raise ConfigError(f"{key}.{field} is empty")
-        _check_shards(f"{key}.{field}", name, spec[field])
-        n = spec.get("num_samples")
-        if n is not None and int(n) <= 0:
-            raise ConfigError(f"{key}.num_samples={n} must be positive")
-    sampling = _node(cfg, "data.sampling")
-    if sampling is not None and sampling not in _SAMPLING:
-        raise ConfigError(f"data.sampling={sampling!r} is unknown; use one of {list(_SAMPLING)}")
-    split = _node(cfg, "data.split")
-    if split is not None and split not in _SPLITS:
-        raise ConfigError(f"data.split={split!r} is unknown; use one of {list(_SPLITS)}")
-    weights = to_plain(_node(cfg, "data.weights"))
-    if isinstance(weights, Mapping):
-        unknown = sorted(set(map(str, weights)) - set(names))
-        if unknown:
-            raise ConfigError(f"data.weights names unknown source(s) {unknown}; data.sources has {names}")
-        bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or v < 0}
-        if bad or not any(float(v) > 0 for v in weights.values()):
-            raise ConfigError(f"data.weights={weights} must be numbers >= 0, not all zero")
-    elif weights is not None and weights not in _WEIGHTS:
-        raise ConfigError(f"data.weights={weights!r} is unknown; use one of {list(_WEIGHTS)} or a mapping")
-    elif weights == "explicit":
-        missing = [n for n, s in sources.items() if not isinstance(s, Mapping) or s.get("weight") is None]
-        if missing:
-            raise ConfigError(f"data.weights=explicit needs data.sources.<name>.weight for {missing}")
-    order = to_plain(_node(cfg, "data.order"))
-    if order:
-        unknown = sorted(set(map(str, order)) - set(names))
-        if unknown:
-            raise ConfigError(f"data.order names unknown source(s) {unknown}; data.sources has {names}")
+        _check_shards(f"data.sources.{name}.{field}", name, spec[field])
 
 
 def _check_shards(key: str, name: str, spec: Any) -> None:
@@ -254,9 +217,7 @@ def check_data_resume(saved: Mapping[str, Any], current: Mapping[str, Any], allo
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     refused = [k for k in changed if k in _RESUME_KEYS]
     if refused and not allow_inexact:
-        what = ", ".join(
-            f"{_RESUME_KEYS[k]}: {saved.get(k)} in the checkpoint, {current.get(k)} now" for k in refused
-        )
+        what = ", ".join(f"{_RESUME_KEYS[k]}: {saved.get(k)} in the checkpoint, {current.get(k)} now" for k in refused)
         raise ConfigError(
             f"cannot resume exactly ({what}): the data stream and LR schedule would change. Resume with the "
             "checkpoint's values, or set data.allow_inexact_resume=true to continue anyway"

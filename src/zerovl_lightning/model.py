@@ -13,44 +13,73 @@ stay open_clip-compatible:
 
 from __future__ import annotations
 
+import atexit
 import copy
+import json
 import logging
 import math
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip import factory as oc_factory
+from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
-
-from zerovl_lightning.assets import to_plain
 
 log = logging.getLogger(__name__)
 
 
+_CONFIG_DIR: Path | None = None  # this process's folder of registered configs (open_clip reads them from files)
+
+
 def register_model_config(name: str, model_cfg: Mapping[str, Any]) -> None:
-    """Make a custom config visible to ``open_clip.create_model`` and ``open_clip.get_tokenizer`` by name."""
-    cfg = copy.deepcopy(dict(model_cfg))
-    oc_factory._MODEL_CONFIGS[name] = cfg
+    """Make a custom config visible to ``open_clip.create_model`` and ``open_clip.get_tokenizer`` by name, through
+    open_clip's public ``add_model_config`` (a ``<name>.json`` file in a per-process folder)."""
+    global _CONFIG_DIR
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+    if missing:
+        raise ValueError(f"model.model_cfg of {name!r} lacks {missing} (open_clip needs all three)")
+    if _CONFIG_DIR is None:
+        _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="zerovl-open-clip-configs-"))
+        atexit.register(shutil.rmtree, _CONFIG_DIR, ignore_errors=True)
+    path = _CONFIG_DIR / f"{name}.json"
+    path.write_text(json.dumps(model_cfg, default=_json_container))
+    open_clip.add_model_config(path)
+
+
+def _json_container(obj: Any) -> Any:
+    """Nested mappings and sequences of any kind (e.g. a config node handed over without ``_convert_``) as JSON."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return list(obj)
+    raise TypeError(f"model.model_cfg: {type(obj).__name__} {obj!r} is not a JSON value")
 
 
 def load_state_dict_by_order(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> int:
-    """Copy tensors into ``module`` in order, checking shapes (e.g. lukemelas EfficientNet → timm).
+    """Copy tensors into ``module`` in order, checking count and shapes (e.g. lukemelas EfficientNet → timm).
 
-    Ignores ``num_batches_tracked`` on both sides and classifier-head tensors of the source that have no counterpart
-    left. Returns how many tensors were copied; raises if a shape differs.
+    Ignores ``num_batches_tracked`` on both sides; strip a classifier head the module lacks before calling. A
+    source with more or fewer tensors than the module, or one shape that differs, is a ValueError (nothing is
+    copied). Returns how many tensors were copied.
     """
     src = [(k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")]
     dst = [(k, v) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
-    if len(src) < len(dst):
-        raise ValueError(f"source state_dict has {len(src)} tensors, the module needs {len(dst)}")
+    if len(src) != len(dst):
+        extra = [k for k, _ in src[len(dst) :]] or [k for k, _ in dst[len(src) :]]
+        raise ValueError(
+            f"source state_dict has {len(src)} tensors, the module has {len(dst)}: cannot map by order "
+            f"({'extra in the source' if len(src) > len(dst) else 'missing from the source'}: {extra[:5]})"
+        )
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise ValueError(f"shape mismatch mapping {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}")
     with torch.no_grad():
-        for (sk, sv), (dk, dv) in zip(src, dst):
-            if sv.shape != dv.shape:
-                raise ValueError(f"shape mismatch mapping {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}")
+        for (_, sv), (_, dv) in zip(src, dst):
             dv.copy_(sv)
     return len(dst)
 
@@ -70,18 +99,13 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file (model.image_tower_weights)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return timm_load_state_dict(str(path))  # timm's reader: safetensors or torch, EMA/state_dict keys, DDP prefixes
 
 
 def load_image_tower(trunk: nn.Module, source: str | Path) -> int:
     """Load a local checkpoint into a timm trunk: by name when it is a timm checkpoint of this architecture
     (classifier head dropped; any other missing or extra tensor is an error), else by order and shape."""
-    state = {k.removeprefix("module."): v for k, v in read_state_dict(source).items()}
+    state = read_state_dict(source)
     body = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
     wanted = set(trunk.state_dict())
     if wanted <= set(state):
@@ -231,7 +255,7 @@ def build_dual_encoder(
         init_logit_bias: SigLIP's bias b (−10 in SigLIP; ``loss=siglip``); None = no bias (InfoNCE).
     """
     if model_cfg is not None:
-        cfg = copy.deepcopy(dict(to_plain(model_cfg)))
+        cfg = copy.deepcopy(dict(model_cfg))  # plain: Hydra's _convert_: all (conf/model/*.yaml)
         if image_size is not None:
             cfg.setdefault("vision_cfg", {})["image_size"] = image_size
         if context_length is not None:
@@ -251,7 +275,7 @@ def build_dual_encoder(
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = float(init_logit_bias)
     if preprocess_cfg is not None:
-        kwargs["force_preprocess_cfg"] = dict(to_plain(preprocess_cfg))
+        kwargs["force_preprocess_cfg"] = dict(preprocess_cfg)
     if model_cfg is None and image_size is not None:
         kwargs["force_image_size"] = image_size
     if model_cfg is None and context_length is not None:

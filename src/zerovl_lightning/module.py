@@ -47,11 +47,27 @@ DEFAULT_DGA: dict[str, Any] = {
 LOSSES = ("infonce", "siglip")
 
 
+def _check_sub_batch(sub_batch_size: int, batch_size: int) -> None:
+    """The DGA sub-batch must divide the per-rank batch (``batch_size``, from the config: ``train.build``)."""
+    if batch_size % sub_batch_size:
+        raise ValueError(
+            f"module.sub_batch_size={sub_batch_size} must divide data.batch_size={batch_size} "
+            "(the per-rank batch of one optimizer step)"
+        )
+    if batch_size == sub_batch_size:
+        log.warning(
+            "module.sub_batch_size equals data.batch_size: DGA with one sub-batch costs an extra "
+            "forward per step; drop module.sub_batch_size to train with the plain step"
+        )
+
+
 class ZeroVLModule(L.LightningModule):
     """Trains a :class:`DualEncoder` with symmetric InfoNCE over the whole (gathered) global batch.
 
     ``model`` is either a config for :func:`zerovl_lightning.model.build_dual_encoder` (saved as a hyper-parameter,
-    so ``load_from_checkpoint`` rebuilds the model) or a ready ``DualEncoder`` (notebooks).
+    so ``load_from_checkpoint`` rebuilds the model) or a ready ``DualEncoder`` (notebooks). ``batch_size`` is the
+    per-rank batch of one step, from the config (``train.build`` passes it), so a DGA ``sub_batch_size`` that does
+    not divide it fails at construction; the module never reads the DataModule.
     """
 
     # ThroughputMonitor reads this (None: no FLOP counting, and no per-run warning that it is missing)
@@ -68,6 +84,7 @@ class ZeroVLModule(L.LightningModule):
         dga: Mapping[str, Any] | None = None,
         loss: str = "infonce",
         retrieval: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
@@ -76,7 +93,7 @@ class ZeroVLModule(L.LightningModule):
         else:
             model = to_portable(model)  # asset paths stay ${zerovl.asset:…}: the checkpoint loads on any machine
             self.save_hyperparameters({"model": model})
-            self.model = instantiate(model)
+            self.model = instantiate(model, _convert_="all")
         self.optimizer_cfg = dict(to_plain(optimizer) or DEFAULT_OPTIMIZER)
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(to_plain(scheduler) or {})}
         self.save_hyperparameters(
@@ -97,6 +114,8 @@ class ZeroVLModule(L.LightningModule):
         if sub_batch_size is not None and int(sub_batch_size) <= 0:
             raise ValueError(f"module.sub_batch_size must be positive, got {sub_batch_size}")
         self.sub_batch_size = None if sub_batch_size is None else int(sub_batch_size)
+        if self.sub_batch_size is not None and batch_size is not None:
+            _check_sub_batch(self.sub_batch_size, int(batch_size))
         self.dga_step = DecoupledStep(
             closed_form=self.dga_cfg["closed_form"],
             keep_last_graph=self.dga_cfg["keep_last_graph"],
@@ -202,22 +221,6 @@ class ZeroVLModule(L.LightningModule):
             self.log("mixup/alpha", plan.alpha, batch_size=batch_size)
             self.log("mixup/modality", plan.modality_code, batch_size=batch_size)  # 0 none, 1 image, 2 text
 
-    def setup(self, stage: str) -> None:
-        """Reject a sub-batch that does not divide the per-rank batch before any work."""
-        if self.sub_batch_size is None or self._trainer is None:
-            return
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is not None and int(batch_size) % self.sub_batch_size:
-            raise ValueError(
-                f"module.sub_batch_size={self.sub_batch_size} must divide data.batch_size={batch_size} "
-                "(the per-rank batch of one optimizer step)"
-            )
-        if batch_size is not None and int(batch_size) == self.sub_batch_size:
-            log.warning(
-                "module.sub_batch_size equals data.batch_size: DGA with one sub-batch costs an extra "
-                "forward per step; drop module.sub_batch_size to train with the plain step"
-            )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """DGA path only: clip after AMP unscaling (the plain path clips via Trainer(gradient_clip_val))."""
         clip = self.dga_cfg.get("gradient_clip_val")
@@ -259,17 +262,6 @@ class ZeroVLModule(L.LightningModule):
         """Clamp τ right after the update, so the checkpoint a callback saves at batch end holds the clamped value."""
         super().optimizer_step(*args, **kwargs)
         self.model.clamp_temperature_()
-
-    def on_train_epoch_end(self) -> None:
-        """Log the bad samples skipped so far, per source and kind (summed over ranks; a collective)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        counts_fn = getattr(datamodule, "bad_sample_counts", None)
-        if not callable(counts_fn):
-            return
-        counts = counts_fn(sync=self.trainer.world_size > 1)
-        flat = {f"data/bad/{src}/{kind}": float(n) for src, kinds in counts.items() for kind, n in kinds.items()}
-        if flat:
-            self.log_dict(flat, rank_zero_only=True)
 
     # ---------------------------------------------------------------- validation (zero-shot retrieval)
     def on_validation_epoch_start(self) -> None:

@@ -58,17 +58,17 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     and preprocessing)."""
     callbacks = [*instantiate_group(cfg.get("callbacks")), SeedPerRank(cfg.seed)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
-    check_batches(cfg, trainer.world_size)
-    module = instantiate(cfg.module)
+    per_rank = check_batches(cfg, trainer.world_size)
+    module = instantiate(cfg.module, batch_size=per_rank)  # config → module: the per-rank batch of one step
     datamodule = instantiate(
-        cfg.data, tokenizer=module.model.tokenizer, preprocess_cfg=module.model.preprocess_cfg
+        cfg.data, tokenizer=module.model.tokenizer, preprocess_cfg=module.model.preprocess_cfg, _convert_="all"
     )
     return module, datamodule, trainer
 
 
-def check_batches(cfg: DictConfig, world_size: int) -> None:
+def check_batches(cfg: DictConfig, world_size: int) -> int:
     """Before any work: ``data.global_batch_size`` divides over the ranks, and the DGA sub-batch (``module.`` or
-    ``method.sub_batch_size``, whichever is set) divides the per-rank batch."""
+    ``method.sub_batch_size``, whichever is set) divides the per-rank batch; returns that per-rank batch."""
     global_batch = OmegaConf.select(cfg, "data.global_batch_size")
     if global_batch is not None:
         per_rank = per_rank_batch(int(global_batch), world_size)
@@ -79,6 +79,7 @@ def check_batches(cfg: DictConfig, world_size: int) -> None:
         sub = OmegaConf.select(cfg, key)
         if sub is not None:
             check_sub_batch(int(sub), per_rank, key, source)
+    return per_rank
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

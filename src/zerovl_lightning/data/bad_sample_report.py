@@ -1,7 +1,8 @@
 """Bad-sample counts reach the terminal: a per-source summary at every epoch end and at the end of training.
 
-The loader skips and counts bad inputs (``shards.BAD_KINDS``) and the module logs them as ``data/bad/*``
-metrics, but a user watching the terminal saw nothing. :class:`BadSampleReport` prints, summed over ranks::
+The loader skips and counts bad inputs (``bad_samples.BAD_KINDS``). :class:`BadSampleReport` reads the counts from
+the DataModule (one collective per epoch end), logs them as ``data/bad/<source>/<kind>`` metrics and prints,
+summed over ranks::
 
     bad samples skipped (epoch 0, all ranks): bad: corrupt_image=2, empty_shard=1; good: none
 """
@@ -27,27 +28,33 @@ def format_bad_counts(counts: Mapping[str, Mapping[str, int]], sources: list[str
 
 
 class BadSampleReport(L.Callback):
-    """Log the DataModule's ``bad_sample_counts(sync=True)`` at each train epoch end and at train end.
+    """Log the DataModule's ``bad_sample_counts(sync=True)`` at each train epoch end (metrics and a line) and at
+    train end (a line).
 
     ``bad_sample_counts(sync=True)`` is a collective, so every rank calls it; rank 0 prints. Works with any
     DataModule that has that method (else does nothing).
     """
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report(trainer, f"epoch {trainer.current_epoch}")
+        counts = self._report(trainer, f"epoch {trainer.current_epoch}")
+        flat = {f"data/bad/{s}/{kind}": float(n) for s, kinds in (counts or {}).items() for kind, n in kinds.items()}
+        if flat:
+            pl_module.log_dict(flat, rank_zero_only=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, f"end of training, step {trainer.global_step}")
 
     @staticmethod
-    def _report(trainer: L.Trainer, when: str) -> None:
+    def _report(trainer: L.Trainer, when: str) -> dict[str, dict[str, int]] | None:
+        """The counts summed over ranks (a collective: every rank calls it); rank 0 prints them."""
         dm = getattr(trainer, "datamodule", None)
         counts_of = getattr(dm, "bad_sample_counts", None)
         if not callable(counts_of):
-            return
+            return None
         counts = counts_of(sync=True)
         if not trainer.is_global_zero:
-            return
+            return counts
         sources = [i.name for i in getattr(dm, "infos", [])]
         line = format_bad_counts(counts, sources, when)
         (log.warning if any(n for c in counts.values() for n in c.values()) else log.info)(line)
+        return counts

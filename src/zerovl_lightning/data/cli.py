@@ -46,7 +46,7 @@ _COLUMNS = ("source", "samples", "images", "shards", "skipped", "status", "dir")
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..assets import cache_dir
-    from .demo import SOURCES, build_demo, demo_root
+    from ..demo import SOURCES, build_demo, demo_root
 
     cache = Path(args.cache) if args.cache else cache_dir()
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def _writer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_csv(args: argparse.Namespace) -> int:
-    from .writers import write_csv_shards
+    from .sources import write_csv_shards
 
     report = write_csv_shards(args.root, args.name, args.out, split=args.split, **_writer_kwargs(args))
     print(_table([_report_row(report)], _COLUMNS))
@@ -104,7 +104,7 @@ def _cmd_csv(args: argparse.Namespace) -> int:
 
 
 def _cmd_folder(args: argparse.Namespace) -> int:
-    from .writers import write_folder_shards
+    from .sources import write_folder_shards
 
     report = write_folder_shards(
         args.dir, args.out, captions_file=args.captions, source=args.source, **_writer_kwargs(args)
@@ -114,7 +114,7 @@ def _cmd_folder(args: argparse.Namespace) -> int:
 
 
 def _cmd_img2dataset(args: argparse.Namespace) -> int:
-    from .writers import index_img2dataset
+    from .sources import index_img2dataset
 
     report = index_img2dataset(
         args.dir,
@@ -128,7 +128,7 @@ def _cmd_img2dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .writers import iter_stats_dirs, summarize
+    from .stats import iter_stats_dirs, summarize
 
     dirs = list(iter_stats_dirs(args.dir))
     if not dirs:
@@ -176,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writer_options(p)
     p.set_defaults(func=_cmd_csv)
 
-    p = sub.add_parser(
-        "folder", help="folder of images + .txt captions and/or a captions CSV → shards in OUT"
-    )
+    p = sub.add_parser("folder", help="folder of images + .txt captions and/or a captions CSV → shards in OUT")
     p.add_argument("dir")
     p.add_argument("out")
     p.add_argument("--captions", default=None, help="CSV/TSV mapping file (image column, caption column)")
@@ -204,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zerovl-data`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from .demo import DemoAssetsMissing
+    from ..demo import DemoAssetsMissing
 
     try:
         return int(args.func(args) or 0)

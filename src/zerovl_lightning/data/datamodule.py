@@ -1,8 +1,10 @@
 """``ZeroVLDataModule``: several webdataset sources → one stream of training batches, resumable mid-epoch.
 
-Wiring only: per-source streams and bad-sample counting live in ``shards.py``, the choice of source per step
-in ``sampling.py`` (its docstring explains how ranks and workers split the work), augmentations in
-``transforms.py``.
+Wiring only: the option checks live in ``options.py``, a source's shards and counts in ``shard_list.py``,
+per-slot streams in ``slot_stream.py``, bad-sample counting in ``bad_samples.py``, the choice of source per step
+in ``sampling.py`` (its docstring explains how ranks and workers split the work), the worker-side batches in
+``stream.py``, the loader in ``loader.py``, what training consumed (the resume state) in ``consumption.py``,
+augmentations in ``transforms.py``.
 
 What comes out (``docs/CONTRACTS.md``):
 
@@ -35,31 +37,26 @@ prefetched. Without a Trainer, the loader records each batch as it yields it. Do
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
-from ..assets import to_plain
 from ..world import per_rank_batch
+from .bad_samples import DEFAULT_MAX_IMAGE_PIXELS
+from .consumption import ConsumptionTracker
+from .loader import ZeroVLLoader
+from .options import check_data_options
 from .plan_check import check_same_plan, plan_inputs
 from .sampling import SourceSampler, source_probabilities
-from .shards import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    SlotStream,
-    SourceInfo,
-    decode_sample,
-    derive_seed,
-    new_counts,
-    slot_capacities,
-)
+from .shard_list import SourceInfo
+from .slot_stream import slot_capacities
+from .stream import ZeroVLStream
 from .transforms import (
     BatchNormalize,
     TokenAugment,
@@ -70,7 +67,6 @@ from .transforms import (
 
 log = logging.getLogger(__name__)
 
-_SOURCE_KEYS = {"path", "urls", "weight", "num_samples"}
 STATE_VERSION = 1
 
 
@@ -79,235 +75,6 @@ def _default_tokenizer() -> Any:
 
     log.warning("ZeroVLDataModule: no tokenizer given, using open_clip's default CLIP tokenizer")
     return open_clip.get_tokenizer("ViT-B-32")
-
-
-# ------------------------------------------------------------------------------- worker-side stream
-
-
-class ZeroVLStream(IterableDataset):
-    """This rank's training batches for one epoch; each dataloader worker produces the steps of its lane.
-
-    Worker ``i`` of ``W`` produces steps ``start + i, start + i + W, …`` (lane ``(start + i) mod W``), so the
-    DataLoader's round-robin order over workers is step order, also after a resume at any ``start``.
-    """
-
-    def __init__(
-        self,
-        infos: Sequence[SourceInfo],
-        splits: Sequence[str],
-        sampler: SourceSampler,
-        *,
-        rank: int,
-        tokenizer: Any,
-        transform: Any,
-        normalize: Any,
-        text_augment: TokenAugment | None,
-        shuffle_buffer: int,
-        max_image_pixels: int,
-        draft_size: int | None,
-    ) -> None:
-        super().__init__()
-        self.infos, self.splits, self.sampler, self.rank = list(infos), list(splits), sampler, rank
-        self.tokenizer, self.transform, self.text_augment = tokenizer, transform, text_augment
-        self.normalize = normalize
-        self.shuffle_buffer = shuffle_buffer
-        self.max_image_pixels, self.draft_size = max_image_pixels, draft_size
-        self.epoch = 0
-        self.start_step = 0
-        self.start_positions: dict[int, dict[str, int]] = {}  # lane -> source -> raw position at start_step
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at every epoch start (through the loader's ``sampler``)."""
-        self.epoch = int(epoch)
-
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        if nw != self.sampler.lanes:
-            raise RuntimeError(
-                f"ZeroVLStream built for {self.sampler.lanes} worker lanes runs with {nw} workers"
-            )
-        return wid, nw
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, nw = self._worker()
-        sampler, epoch, start, B = self.sampler, self.epoch, self.start_step, self.sampler.batch_size
-        lane = (start + wid) % nw
-        steps = range(start + wid, sampler.steps_per_epoch, nw)
-        if len(steps) == 0:
-            return
-        plan = sampler.lane_sources(epoch, self.rank, lane)
-        names = [i.name for i in self.infos]
-        start_pos = self.start_positions.get(lane, {})
-        streams: dict[int, SlotStream] = {}
-        reported = {n: new_counts() for n in names}
-
-        def stream(k: int) -> SlotStream:
-            if k not in streams:
-                s = SlotStream(
-                    self.infos[k],
-                    slot=self.rank * nw + lane,
-                    num_slots=sampler.world_size * nw,
-                    epoch=epoch,
-                    seed=sampler.seed,
-                    split=self.splits[k],
-                    resampled=sampler.resampled,
-                    shuffle_buffer=self.shuffle_buffer,
-                )
-                s.seek(start_pos.get(names[k], 0))
-                streams[k] = s
-            return streams[k]
-
-        def good(k: int) -> tuple[Any, str, str]:
-            s = stream(k)
-            for _ in range(max(1000, 100 * B)):
-                raw = s.next_raw()
-                out = decode_sample(
-                    raw, s.counter, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size
-                )
-                if out is not None:
-                    return out[0], out[1], raw["__key__"]
-            raise RuntimeError(
-                f"source {names[k]!r}: no usable sample in {max(1000, 100 * B)} consecutive reads"
-            )
-
-        for s_idx in steps:
-            row = plan[(s_idx - lane) // nw]
-            srcs = np.full(B, row) if np.ndim(row) == 0 else row
-            images, captions, keys, labels = [], [], [], []
-            with torch.random.fork_rng(devices=[]):
-                # CPU generator only: torch.manual_seed would also reseed CUDA, outside fork_rng(devices=[])
-                torch.random.default_generator.manual_seed(
-                    derive_seed(sampler.seed, epoch, s_idx, self.rank, "image")
-                )
-                for k in srcs:
-                    img, caption, key = good(int(k))
-                    images.append(self.transform(img))
-                    captions.append(caption)
-                    keys.append(key)
-                    labels.append(names[int(k)])
-            text = self.tokenizer(captions)
-            if self.text_augment is not None:
-                gen = torch.Generator().manual_seed(
-                    derive_seed(sampler.seed, epoch, s_idx, self.rank, "text")
-                )
-                text = self.text_augment(text, gen)
-            if s_idx + nw >= sampler.steps_per_epoch and not sampler.resampled:
-                self._drain(stream, names, B)
-            bad: dict[str, dict[str, int]] = {}
-            for k, st in streams.items():
-                delta = {kind: n - reported[names[k]][kind] for kind, n in st.counter.counts.items()}
-                delta = {kind: d for kind, d in delta.items() if d}
-                if delta:
-                    bad[names[k]] = delta
-                    reported[names[k]] = dict(st.counter.counts)
-            positions = {n: start_pos.get(n, 0) for n in names}
-            positions.update({names[k]: st.position for k, st in streams.items()})
-            yield {
-                "image": self.normalize(torch.stack(images)),
-                "text": text,
-                "key": keys,
-                "source": labels,
-                "caption": captions,
-                "_stream": {"epoch": epoch, "step": s_idx, "lane": lane, "positions": positions, "bad": bad},
-            }
-
-    def _drain(self, stream: Any, names: list[str], B: int) -> None:
-        """End of a one-pass epoch: read this slot's ragged remainder of every source so its bad samples
-        count."""
-        for k in range(len(names)):
-            s = stream(k)
-            for raw in s.drain(limit=4 * B):
-                decode_sample(
-                    raw, s.counter, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size
-                )
-
-
-# -------------------------------------------------------------------------------- main-process side
-
-
-class _Tracker:
-    """What training consumed on this rank: epoch, steps, lane positions, cumulative bad counts."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.step = 0
-        self.positions: dict[int, dict[str, int]] = {}
-        self.counts: dict[str, dict[str, int]] = {}
-
-    def observe(self, batch: dict[str, Any]) -> dict[str, Any]:
-        st = batch.pop("_stream", None)
-        if st is None:
-            return batch
-        if st["epoch"] != self.epoch:
-            self.epoch, self.positions = st["epoch"], {}
-        self.step = st["step"] + 1
-        self.positions[st["lane"]] = dict(st["positions"])
-        for src, delta in st["bad"].items():
-            c = self.counts.setdefault(src, {})
-            for kind, n in delta.items():
-                c[kind] = c.get(kind, 0) + n
-        batch["bad_counts"] = self.flat_counts()
-        return batch
-
-    def flat_counts(self) -> dict[str, int]:
-        return {f"{s}/{k}": n for s, c in self.counts.items() for k, n in c.items() if n}
-
-    def local_state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "positions": copy.deepcopy(self.positions),
-            "bad_counts": copy.deepcopy(self.counts),
-        }
-
-
-class _EpochSampler(Sampler[None]):
-    """The index sampler of an iterable-style loader (endless ``None``, like torch's own) plus ``set_epoch``.
-
-    Lightning calls ``loader.sampler.set_epoch(epoch)`` at every epoch start; that is how the stream learns
-    the epoch, since Lightning ends an epoch after ``len(loader)`` batches without exhausting the iterator.
-    """
-
-    def __init__(self, stream: ZeroVLStream) -> None:
-        self.stream = stream
-
-    def __iter__(self) -> Iterator[None]:
-        return itertools.repeat(None)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-
-class ZeroVLLoader(DataLoader):
-    """DataLoader over :class:`ZeroVLStream`: ``len() == steps_per_epoch``, epoch and resume bookkeeping."""
-
-    def __init__(self, datamodule: ZeroVLDataModule, stream: ZeroVLStream, **kwargs: Any) -> None:
-        super().__init__(stream, batch_size=None, persistent_workers=False, **kwargs)
-        object.__setattr__(self, "sampler", _EpochSampler(stream))  # DataLoader freezes `sampler` after init
-        self._dm = datamodule
-
-    def __len__(self) -> int:
-        return self.dataset.sampler.steps_per_epoch  # type: ignore[attr-defined]
-
-    # Lightning asks loaders for these to decide whether a mid-epoch resume is exact; the sampling state
-    # itself lives in ZeroVLDataModule.state_dict (it needs every rank's positions, which a loader cannot
-    # gather).
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": "in ZeroVLDataModule.state_dict"}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """No-op: :meth:`ZeroVLDataModule.load_state_dict` restores the position."""
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        dm, stream = self._dm, self.dataset
-        assert isinstance(stream, ZeroVLStream)
-        dm._prepare_epoch(stream)
-        observe_here = dm.trainer is None
-        it = super().__iter__()
-        for batch in it:
-            yield dm._tracker.observe(batch) if observe_here else batch
-        dm._epoch_done(stream)
 
 
 class ZeroVLDataModule(LightningDataModule):
@@ -382,46 +149,12 @@ class ZeroVLDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.allow_inexact_resume = bool(allow_inexact_resume)
-        self.val_sets, self.val_batch_size, self.val_num_workers = to_plain(val_sets), val_batch_size, val_num_workers
-        # Hydra hands nested values over as DictConfig/ListConfig (also the model's preprocess_cfg kwarg)
-        sources, weights, order = to_plain(sources), to_plain(weights), to_plain(order)
-        crop_scale, preprocess_cfg = to_plain(crop_scale), to_plain(preprocess_cfg)
-        if not isinstance(sources, Mapping) or not sources:
-            raise ValueError("ZeroVLDataModule needs at least one source: sources={name: {path: ...}}")
-        if sampling not in ("debias", "shuffle", "sequential"):
-            raise ValueError(f"sampling must be debias, shuffle or sequential, got {sampling!r}")
-        if split not in ("auto", "shard", "sample"):
-            raise ValueError(f"split must be auto, shard or sample, got {split!r}")
+        self.val_sets, self.val_batch_size, self.val_num_workers = val_sets, val_batch_size, val_num_workers
+        self.source_cfgs, weights = check_data_options(
+            sources, sampling=sampling, weights=weights, split=split, order=order
+        )
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be ≥ 1 and num_workers ≥ 0, got {batch_size}, {num_workers}")
-        self.source_cfgs: dict[str, dict[str, Any]] = {}
-        for name, cfg in sources.items():
-            cfg = {"path": cfg} if isinstance(cfg, (str, list, os.PathLike)) else dict(cfg or {})
-            unknown = set(cfg) - _SOURCE_KEYS
-            if unknown:
-                raise ValueError(
-                    f"source {name!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SOURCE_KEYS)}"
-                )
-            if ("path" in cfg) == ("urls" in cfg):
-                raise ValueError(f"source {name!r}: give exactly one of `path` or `urls`")
-            self.source_cfgs[str(name)] = cfg
-        if isinstance(weights, Mapping):
-            unknown = set(weights) - set(self.source_cfgs)
-            if unknown:
-                raise ValueError(
-                    f"weights name unknown source(s) {sorted(unknown)}; sources: {list(self.source_cfgs)}"
-                )
-            for name, cfg in self.source_cfgs.items():
-                cfg["weight"] = float(weights.get(name, 0.0))
-            weights = "explicit"
-        if weights not in ("size", "uniform", "explicit"):
-            raise ValueError(f"weights must be size, uniform, explicit or a mapping, got {weights!r}")
-        if order is not None:
-            unknown = set(order) - set(self.source_cfgs)
-            if unknown:
-                raise ValueError(
-                    f"order names unknown source(s) {sorted(unknown)}; sources: {list(self.source_cfgs)}"
-                )
         self.sampling, self.weights, self.batch_size, self.num_workers = (
             sampling,
             weights,
@@ -471,9 +204,7 @@ class ZeroVLDataModule(LightningDataModule):
         ]
         for info in self.infos:
             if info.num_samples == 0 or not any(info.shard_sizes or [1]):
-                raise ValueError(
-                    f"source {info.name!r} has no samples (empty, truncated or unreadable shards)"
-                )
+                raise ValueError(f"source {info.name!r} has no samples (empty, truncated or unreadable shards)")
         self.probs = source_probabilities(
             [i.num_samples for i in self.infos], self.weights, [i.weight for i in self.infos]
         )
@@ -481,8 +212,7 @@ class ZeroVLDataModule(LightningDataModule):
         self.splits: list[str] = []
         self.rank, self.world_size = 0, 1
         self._stream: ZeroVLStream | None = None
-        self._tracker = _Tracker()
-        self._resume: dict[str, Any] | None = None
+        self.tracker = ConsumptionTracker()
         self._next_epoch = 0  # the epoch a new loader starts with (Lightning overrides it through set_epoch)
 
     # --------------------------------------------------------------------------------------- set-up
@@ -525,10 +255,7 @@ class ZeroVLDataModule(LightningDataModule):
         caps = None
         if not self.resampled:
             caps = np.stack(
-                [
-                    slot_capacities(i.shard_sizes or [], R * W, s).reshape(R, W)
-                    for i, s in zip(self.infos, self.splits)
-                ]
+                [slot_capacities(i.shard_sizes or [], R * W, s).reshape(R, W) for i, s in zip(self.infos, self.splits)]
             )
         self.sampler = SourceSampler(
             [i.name for i in self.infos],
@@ -606,8 +333,6 @@ class ZeroVLDataModule(LightningDataModule):
             kwargs["prefetch_factor"] = self.prefetch_factor
         return ZeroVLLoader(self, self._stream, **kwargs)
 
-    # ---------------------------------------------------------------------------- epoch bookkeeping
-
     def val_dataloader(self) -> list[Any]:
         """One loader per retrieval set, this rank's unique images (eval/retrieval_data.py); none without sets."""
         if not self.val_sets:
@@ -619,42 +344,9 @@ class ZeroVLDataModule(LightningDataModule):
         return retrieval_loaders(resolve_retrieval_sets(self.val_sets), self.preprocess_cfg, self.val_batch_size,
                                  self.val_num_workers, rank, world_size)  # fmt: skip
 
-    def _prepare_epoch(self, stream: ZeroVLStream) -> None:
-        """Before iterating an epoch: start at step 0, or mid-epoch from a restored state."""
-        stream.start_step, stream.start_positions = 0, {}
-        self._tracker.epoch, self._tracker.step, self._tracker.positions = stream.epoch, 0, {}
-        resume, self._resume = self._resume, None
-        if resume is None:
-            return
-        if resume["epoch"] != stream.epoch:
-            if stream.epoch < resume["epoch"]:
-                log.warning(
-                    "restored sampling state is for epoch %d, loader runs epoch %d",
-                    resume["epoch"],
-                    stream.epoch,
-                )
-            return
-        step = int(resume["step"])
-        if step == 0:
-            return
-        stream.start_step = step
-        if resume.get("exact", True):
-            stream.start_positions = {int(k): dict(v) for k, v in resume["positions"].items()}
-        self._tracker.epoch, self._tracker.step = stream.epoch, step
-        self._tracker.positions = copy.deepcopy(stream.start_positions)
-        if self.rank == 0:
-            log.info("resuming sampling at epoch %d step %d", stream.epoch, step)
-
-    def _epoch_done(self, stream: ZeroVLStream) -> None:
-        """A full pass ended: the next ``iter()`` runs the next epoch unless Lightning sets one."""
-        stream.epoch += 1
-        self._next_epoch = stream.epoch
-        if self._tracker.counts:
-            log.warning("rank %d: bad samples skipped so far: %s", self.rank, self._tracker.flat_counts())
-
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "_stream" in batch:
-            return self._tracker.observe(batch)
+            return self.tracker.observe(batch)
         return batch
 
     # ------------------------------------------------------------------------------- counts & state
@@ -662,7 +354,7 @@ class ZeroVLDataModule(LightningDataModule):
     def bad_sample_counts(self, sync: bool = False) -> dict[str, dict[str, int]]:
         """Skipped samples per source and kind (non-zero only): this rank's, or all ranks' with
         ``sync=True``."""
-        local = copy.deepcopy(self._tracker.counts)
+        local = copy.deepcopy(self.tracker.counts)
         parts = self._all_gather(local) if sync else [local]
         total: dict[str, dict[str, int]] = {}
         for part in parts:
@@ -701,8 +393,8 @@ class ZeroVLDataModule(LightningDataModule):
         checkpointing)."""
         if self.sampler is None:
             return {}
-        local = self._tracker.local_state()
-        if self._tracker.step == 0 and self._stream is not None:
+        local = self.tracker.local_state()
+        if self.tracker.step == 0 and self._stream is not None:
             local["epoch"] = self._stream.epoch
         ranks = self._all_gather(local)
         return {
@@ -740,15 +432,7 @@ class ZeroVLDataModule(LightningDataModule):
         epoch, step = int(state_dict["epoch"]), int(state_dict["step"])
         if step >= self.sampler.steps_per_epoch:  # saved at the end of an epoch: continue with the next one
             epoch, step = epoch + 1, 0
-        self._tracker = _Tracker()
-        self._tracker.epoch, self._tracker.step = epoch, step
-        self._tracker.counts = copy.deepcopy(mine["bad_counts"]) if exact else {}
-        self._resume = {
-            "epoch": epoch,
-            "step": step,
-            "positions": mine["positions"] if exact else {},
-            "exact": exact,
-        }
+        self.tracker.restore(epoch, step, mine, exact)
         self._next_epoch = epoch
         if self._stream is not None:
             self._stream.epoch = epoch

@@ -1,12 +1,23 @@
-"""Decoded image → 8-bit RGB, one way for training, evaluation and the shard writers (PIL + numpy only, so
-the writers' CLI does not import torch)."""
+"""Image bytes in and out, one way for training, evaluation and the shard writers: decoded image → 8-bit RGB
+(:func:`to_rgb`), an image file → shard bytes (:func:`load_image_file`). PIL + numpy only, so the writers' CLI
+does not import torch."""
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_WDS_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+# Above this many pixels an image is treated as a decompression bomb and skipped (PIL's own guard is 2×89 MP).
+MAX_PIXELS = 89_478_485
+
+
+class BadImage(Exception):
+    """Raised by an image loader for an input that cannot become a training image (skipped and counted)."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -36,3 +47,49 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
         return grey.convert("RGB")
     return image.convert("RGB")
+
+
+def encode_image(im: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
+    """Encode a PIL image as ``jpg`` (RGB), ``png`` or ``webp`` bytes."""
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        im.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=True)
+    elif fmt == "png":
+        im.save(buf, format="PNG", optimize=False, compress_level=6)
+    elif fmt == "webp":
+        im.save(buf, format="WEBP", quality=quality)
+    else:
+        raise ValueError(f"Unknown image format {fmt!r}; use jpg, png or webp")
+    return buf.getvalue()
+
+
+def load_image_file(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, str]:
+    """Image bytes for a shard: the file's own when jpg/png/webp and small enough, else re-encoded.
+
+    The image is fully decoded once to catch truncated or corrupt files; ``FileNotFoundError`` and
+    :class:`BadImage` are the two outcomes a writer counts as skips.
+    """
+    p = Path(path)
+    data = p.read_bytes()  # FileNotFoundError → "missing_image"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise BadImage(f"{im.width}x{im.height} exceeds the decompression-bomb guard")
+            im.load()
+            ext = _WDS_EXT.get(p.suffix.lower())
+            fmt_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(im.format or "")
+            too_big = max_side is not None and max(im.size) > max_side
+            if ext is not None and ext == fmt_ext and not too_big:
+                return data, ext
+            out = im
+            if too_big:
+                assert max_side is not None
+                out = im.copy()
+                out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            if fmt_ext == "png" and not too_big:
+                return encode_image(out, "png"), "png"
+            return encode_image(to_rgb(out), "jpg", quality), "jpg"
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: {e}") from e

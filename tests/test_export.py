@@ -133,9 +133,7 @@ def test_round_trip_pretrained_timm_hf_towers(pretrained_model, tmp_path):
     assert cfg["zerovl"]["hf_text_tower_path"] == cfg["model_cfg"]["text_cfg"]["hf_model_name"]
     assert cfg["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5]
     clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
-    assert_same_model(
-        model, clip, open_clip.get_tokenizer(f"local-dir:{tmp_path}"), torch.randn(2, 3, 128, 128)
-    )
+    assert_same_model(model, clip, open_clip.get_tokenizer(f"local-dir:{tmp_path}"), torch.randn(2, 3, 128, 128))
 
 
 def non_square_images() -> list[Image.Image]:

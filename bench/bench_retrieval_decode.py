@@ -62,10 +62,10 @@ class CountOpens:
 
 def ours(folder: Path, world: int, preprocess_cfg: dict) -> tuple[int, int, float]:
     """(decodes, captions seen, CPU seconds) of the validation loaders over all simulated ranks."""
-    from zerovl_lightning.eval.datasets import resolve_shards
+    from zerovl_lightning.data.shards import expand_shards
     from zerovl_lightning.eval.retrieval_data import retrieval_loaders
 
-    shards = resolve_shards(str(folder))
+    shards = expand_shards(str(folder))
     t0 = time.process_time()
     with CountOpens() as c:
         captions = 0
@@ -77,18 +77,23 @@ def ours(folder: Path, world: int, preprocess_cfg: dict) -> tuple[int, int, floa
 
 def per_caption(folder: Path, world: int, preprocess_cfg: dict) -> tuple[int, int, float]:
     """The replaced reading: every caption sample decodes its image; sample i goes to rank i % W."""
-    from zerovl_lightning.eval.datasets import _decode_image, _iter_tar, eval_transform, resolve_shards
+    import webdataset as wds
+
+    from zerovl_lightning.data.image_decoding import to_rgb
+    from zerovl_lightning.data.shards import expand_shards
+    from zerovl_lightning.eval.transforms import eval_transform
 
     transform = eval_transform(preprocess_cfg)
     t0 = time.process_time()
     with CountOpens() as c:
         captions = 0
         for rank in range(world):
-            for url in resolve_shards(str(folder)):
-                for i, sample in enumerate(_iter_tar(url)):
-                    if i % world == rank:
-                        transform(_decode_image(sample))
-                        captions += 1
+            samples = wds.WebDataset(expand_shards(str(folder)), shardshuffle=False, empty_check=False)
+            for i, sample in enumerate(samples):
+                if i % world == rank:
+                    image = next(v for k, v in sample.items() if k in ("jpg", "jpeg", "png", "webp"))
+                    transform(to_rgb(Image.open(io.BytesIO(image))))
+                    captions += 1
     return c.count, captions, time.process_time() - t0
 
 

@@ -15,7 +15,7 @@ import torch
 from shard_fixtures import write_source
 
 from zerovl_lightning.data.datamodule import ZeroVLDataModule
-from zerovl_lightning.data.transforms import TokenAugment, build_eval_transform, build_train_transform
+from zerovl_lightning.data.transforms import TokenAugment, build_train_transform
 from zerovl_lightning.model import build_tiny
 
 SIZES = {"a": 96, "b": 48, "c": 32}  # shards of 8 → with B=4, R=2, W=2: 12 / 6 / 4 steps per epoch
@@ -303,19 +303,13 @@ def test_sources_as_brace_pattern_glob_and_list_with_explicit_weights(data_root:
     assert seen == {"a": 12, "b": 12}  # b's 48 samples limit the equal-weight epoch; c is off
 
 
-def test_train_and_eval_transforms(tiny: Any) -> None:
+def test_train_transform(tiny: Any) -> None:
     from PIL import Image
 
     img = Image.new("RGB", (50, 40), (255, 0, 0))
     train = build_train_transform(tiny.preprocess_cfg, 32)
     x = train(img)
     assert x.shape == (3, 32, 32)
-    ev = build_eval_transform({"mean": (0.5,) * 3, "std": (0.5,) * 3}, 224)
-    assert [type(t).__name__ for t in ev.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
-    assert tuple(ev.transforms[0].size) == (256, 256)
-    y = ev(img)
-    assert y.shape == (3, 224, 224)
-    assert torch.allclose(y[0], torch.ones(224, 224)) and torch.allclose(y[1], -torch.ones(224, 224))
     names = [type(t).__name__ for t in train.transforms]
     assert names == ["RandomResizedCrop", "AutoAugment", "ToTensor", "Normalize"]
     assert train.transforms[0].scale == (0.6, 1.0)

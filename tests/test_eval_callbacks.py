@@ -14,15 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from zerovl_lightning.eval.callbacks import (
-    LinearProbeCallback,
-    RetrievalCallback,
-    ZeroShotCallback,
-    example_tables,
-)
-from zerovl_lightning.eval.datasets import _iter_tar, eval_transform, resolve_retrieval_sets, to_rgb
+from zerovl_lightning.data.image_decoding import to_rgb
+from zerovl_lightning.eval.classification_callbacks import LinearProbeCallback, ZeroShotCallback
 from zerovl_lightning.eval.retrieval import evaluate_retrieval, retrieval_ranks, summarize
-from zerovl_lightning.eval.retrieval_data import RankSplitSampler, RetrievalImages, retrieval_loaders
+from zerovl_lightning.eval.retrieval_data import (
+    RankSplitSampler,
+    RetrievalImages,
+    resolve_retrieval_sets,
+    retrieval_loaders,
+)
+from zerovl_lightning.eval.retrieval_report import RetrievalCallback, example_tables
+from zerovl_lightning.eval.transforms import eval_transform
 from zerovl_lightning.eval.validation import RetrievalValidation
 from zerovl_lightning.model import build_tiny
 from zerovl_lightning.module import ZeroVLModule
@@ -41,6 +43,13 @@ COLORS = [
     "grey",
     "cyan",
 ]
+
+
+def iter_samples(url: str):
+    """Raw samples of one shard (webdataset's own reader, nothing decoded): the brute-force references."""
+    import webdataset as wds
+
+    return iter(wds.WebDataset(url, shardshuffle=False))
 
 
 def write_shards(folder, n_images: int = 12, per_shard: int = 10) -> list[tuple[int, int, str]]:
@@ -112,7 +121,7 @@ def test_evaluate_retrieval_equals_brute_force_encoding(shards, tiny):
     transform = eval_transform(tiny.preprocess_cfg)
     images = {}
     for url in sorted(folder.glob("*.tar")):
-        for s in _iter_tar(str(url)):
+        for s in iter_samples(str(url)):
             image_id = json.loads(s["json"])["image_id"]
             images.setdefault(image_id, transform(to_rgb(Image.open(io.BytesIO(s["png"])))))
     image_ids = sorted(images)
@@ -126,9 +135,7 @@ def test_evaluate_retrieval_equals_brute_force_encoding(shards, tiny):
     cap_idx = torch.tensor([image_ids.index(image_of[c]) for c in caption_ids])
     i2t, t2i, q = retrieval_ranks(img, txt, cap_idx)
     ranks, _, _ = metric.compute_ranks()
-    assert (
-        ranks.image_ids.tolist() == [i - 0 for i in image_ids] and ranks.caption_ids.tolist() == caption_ids
-    )
+    assert ranks.image_ids.tolist() == [i - 0 for i in image_ids] and ranks.caption_ids.tolist() == caption_ids
     assert torch.equal(ranks.i2t, i2t) and torch.equal(ranks.t2i, t2i)
     assert metrics["num_images"] == 12 and metrics["num_captions"] == 24
     assert metrics["rsum"] == pytest.approx(summarize(ranks)["rsum"])
@@ -138,9 +145,7 @@ def test_example_tables_show_top5_with_marks(shards, tiny):
     root, _ = shards
     folder = str(root / "toy" / "heldout")
     _, metric = evaluate_retrieval(tiny, folder, progress=False)
-    tables = example_tables(
-        metric, resolve_retrieval_sets({"toy": folder})["toy"], num_examples=3, as_wandb=False
-    )
+    tables = example_tables(metric, resolve_retrieval_sets({"toy": folder})["toy"], num_examples=3, as_wandb=False)
     cols, rows = tables["text_to_image"]
     assert cols[:2] == ["query", "rank of match"] and len(cols) == 7 and len(rows) == 3
     assert all(isinstance(c, Image.Image) for c in rows[0][2:])
@@ -170,9 +175,7 @@ def test_callbacks_log_write_json_png_and_report(shards, tmp_path):
     root, _ = shards
     run = tmp_path / "run"
     retrieval = RetrievalCallback(output_dir=run, curve_max_k=10)
-    zeroshot = ZeroShotCallback(
-        sets=["digits"], test_limit=30, every_n_steps=2, output_dir=run, progress=False
-    )
+    zeroshot = ZeroShotCallback(sets=["digits"], test_limit=30, every_n_steps=2, output_dir=run, progress=False)
     probe = LinearProbeCallback(
         sets=["digits"],
         train_limit=60,
@@ -227,9 +230,7 @@ def test_callbacks_log_write_json_png_and_report(shards, tmp_path):
 
     # step 0 vs final table, and the history survives a checkpoint round trip
     table = retrieval.format_report()
-    assert (
-        "| toy | 0 |" in table and "| toy | 2 |" in table and "| toy | 1 |" not in table and "RSUM" in table
-    )
+    assert "| toy | 0 |" in table and "| toy | 2 |" in table and "| toy | 1 |" not in table and "RSUM" in table
     fresh = RetrievalCallback()
     fresh.load_state_dict(retrieval.state_dict())
     assert fresh.history == retrieval.history
@@ -256,8 +257,9 @@ def test_zerovl_eval_run_in_process(shards, tmp_path):
     out = tmp_path / "results.json"
     overrides = [
         f"export_dir={tmp_path / 'export'}", "tasks=[retrieval,linear_probe]",
-        f"retrieval.sets={root / '*' / 'heldout'}", "linear_probe.sets=[digits]",
-        "linear_probe.train_limit=50", "linear_probe.test_limit=20", "linear_probe.weight_decays=[0.1,1.0]",
+        f"data.val_sets={root / '*' / 'heldout'}", "callbacks.linear_probe.sets=[digits]",
+        "callbacks.linear_probe.train_limit=50", "callbacks.linear_probe.test_limit=20",
+        "callbacks.linear_probe.weight_decays=[0.1,1.0]",
         "progress=false", f"output={out}",
     ]  # fmt: skip
     with initialize_config_module("zerovl_lightning.conf", version_base="1.3"):
@@ -278,8 +280,8 @@ def test_zerovl_eval_cli(shards, tmp_path):
     out = tmp_path / "results.json"
     cmd = [
         sys.executable, "-m", "zerovl_lightning.evaluate", f"export_dir={tmp_path / 'export'}",
-        "tasks=[retrieval,zeroshot]", f"retrieval.sets={{toy: {root / 'toy' / 'heldout'}}}",
-        "zeroshot.sets=[digits]", "zeroshot.test_limit=20", "progress=false", f"output={out}",
+        "tasks=[retrieval,zeroshot]", f"data.val_sets={{toy: {root / 'toy' / 'heldout'}}}",
+        "callbacks.zeroshot.sets=[digits]", "callbacks.zeroshot.test_limit=20", "progress=false", f"output={out}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -312,18 +314,14 @@ def test_wandb_example_tables_are_logged(shards, tmp_path, monkeypatch):
     finally:
         wandb.finish()
     tables = sorted(p.name for p in tmp_path.glob("wandb/*/files/media/table/examples/toy/*.table.json"))
-    assert any(t.startswith("text_to_image") for t in tables) and any(
-        t.startswith("image_to_text") for t in tables
-    )
-    table = json.loads(
-        next(tmp_path.glob("wandb/*/files/media/table/examples/toy/text_to_image*.json")).read_text()
-    )
+    assert any(t.startswith("text_to_image") for t in tables) and any(t.startswith("image_to_text") for t in tables)
+    table = json.loads(next(tmp_path.glob("wandb/*/files/media/table/examples/toy/text_to_image*.json")).read_text())
     assert table["columns"][:3] == ["query", "rank of match", "top1"] and len(table["data"]) == 3
     assert table["data"][0][2:] == ["Image"] * 5  # wandb.Image cells (the media travel in the run's artifact)
 
 
 def digits31():
-    from zerovl_lightning.eval.datasets import DIGIT_CLASSES, ArrayImages, ClassificationSet, digits
+    from zerovl_lightning.eval.classification_data import DIGIT_CLASSES, ArrayImages, ClassificationSet, digits
 
     test = digits("test")
     return ClassificationSet("digits31", DIGIT_CLASSES, ArrayImages(test.images[:31], test.labels[:31]))

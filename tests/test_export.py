@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from zerovl_lightning.export import (
     export_open_clip,
@@ -130,6 +133,58 @@ def test_round_trip_pretrained_timm_hf_towers(pretrained_model, tmp_path):
     assert cfg["zerovl"]["hf_text_tower_path"] == cfg["model_cfg"]["text_cfg"]["hf_model_name"]
     assert cfg["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5]
     clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
-    assert_same_model(
-        model, clip, open_clip.get_tokenizer(f"local-dir:{tmp_path}"), torch.randn(2, 3, 128, 128)
-    )
+    assert_same_model(model, clip, open_clip.get_tokenizer(f"local-dir:{tmp_path}"), torch.randn(2, 3, 128, 128))
+
+
+def non_square_images() -> list[Image.Image]:
+    """RGB images of non-square shapes with structure at the borders (where resize modes differ)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for h, w in [(37, 90), (120, 41), (33, 33), (64, 47)]:
+        y, x = np.mgrid[0:h, 0:w]
+        pixels = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 3.0)], axis=-1)
+        pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(pixels, "RGB"))
+    return out
+
+
+def write_retrieval_shard(folder, images: list[Image.Image]) -> None:
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as sink:
+        for i, image in enumerate(images):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": f"image {i}",
+                        "json": {"image_id": i, "caption_id": i}})  # fmt: skip
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_export_preprocessing_reproduces_zerovl_eval_image_embeddings(tmp_path, resize_mode):
+    """issue 13 item 11: open_clip's own transforms of the export = the project's eval path, to 1e-6.
+
+    The project side is what ``zerovl-eval`` and validation run (retrieval loaders → RetrievalValidation); the
+    open_clip side is ``create_model_and_transforms("local-dir:…")`` and its returned eval preprocess."""
+    from zerovl_lightning.eval.retrieval import evaluate_retrieval
+
+    torch.manual_seed(0)
+    model = build_tiny(preprocess_cfg={"resize_mode": resize_mode})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    paths = export_open_clip(model, tmp_path / "export")
+    written = json.loads(paths["config"].read_text())["preprocess_cfg"]
+    assert written["resize_mode"] == resize_mode and written == json.loads(json.dumps(model.preprocess_cfg))
+
+    images = non_square_images()
+    write_retrieval_shard(tmp_path / "set", images)
+    _, metric = evaluate_retrieval(model, str(tmp_path / "set"), batch_size=3, progress=False)
+    ours = metric.last[1]  # image embeddings in image id order (= list order)
+
+    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    clip.eval()
+    with torch.no_grad():
+        theirs = clip.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
+    assert ours.shape == theirs.shape == (len(images), TINY_MODEL_CFG["embed_dim"])
+    assert (ours - theirs).abs().max() <= 1e-6

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from test_zeroshot import have_fashion_mnist
 
-from zerovl_lightning.eval.datasets import FASHION_MNIST_ROOT, build_classification_set
+from zerovl_lightning.eval.classification_data import build_classification_set
 from zerovl_lightning.eval.linear_probe import (
     evaluate_linear_probe,
     fit_logistic_regression,
@@ -17,9 +16,7 @@ from zerovl_lightning.eval.linear_probe import (
 )
 from zerovl_lightning.model import build_tiny
 
-needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(FASHION_MNIST_ROOT), reason="dataset-fashion-mnist missing"
-)
+needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="dataset-fashion-mnist missing")
 
 
 def test_vit_features_are_the_pooled_token_before_proj():

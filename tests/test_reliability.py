@@ -312,13 +312,16 @@ def test_sixteen_bit_png_is_scaled_not_clipped():
 
 
 def test_transparent_pixels_are_white_in_training_and_in_evaluation():
-    from zerovl_lightning.eval.datasets import to_rgb as eval_to_rgb
+    from zerovl_lightning.eval.transforms import eval_transform
 
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[:4, :, :] = (255, 0, 0, 255)  # top half opaque red, bottom half transparent black
     train = _decode(_png(rgba))
     assert (train[4:] == 255).all() and (train[:4] == (255, 0, 0)).all()
-    assert np.array_equal(train, np.asarray(eval_to_rgb(Image.open(io.BytesIO(_png(rgba))))))
+    # the eval path (8 px: no resize), un-normalised: the same pixels
+    to_tensor = eval_transform({"size": 8, "mean": (0.0,) * 3, "std": (1.0,) * 3})
+    pixels = (to_tensor(Image.open(io.BytesIO(_png(rgba)))) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    assert np.array_equal(train, pixels.numpy())
 
 
 def test_float_tiff_and_non_utf8_captions_through_the_folder_writer(tmp_path):

@@ -110,9 +110,7 @@ def test_chunked_equals_brute_force_on_random_data(chunk_size):
     caps_per_image = torch.randint(0, 6, (n_img,), generator=g)  # 0..5 captions, some images have none
     caption_image_index = torch.repeat_interleave(torch.arange(n_img), caps_per_image)
     image_emb = F.normalize(torch.randn(n_img, d, generator=g), dim=-1)
-    text_emb = F.normalize(
-        image_emb[caption_image_index] + 0.9 * torch.randn(len(caption_image_index), d, generator=g)
-    )
+    text_emb = F.normalize(image_emb[caption_image_index] + 0.9 * torch.randn(len(caption_image_index), d, generator=g))
     ours = retrieval_ranks(image_emb, text_emb, caption_image_index, chunk_size=chunk_size)
     ref = brute_force_ranks(image_emb, text_emb, caption_image_index)
     for a, b in zip(ours, ref):

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_eval_callbacks import write_shards
+from test_eval_callbacks import iter_samples, write_shards
 
-from zerovl_lightning.eval.callbacks import RetrievalCallback
-from zerovl_lightning.eval.datasets import _iter_tar, eval_transform, resolve_shards, to_rgb
+from zerovl_lightning.data.image_decoding import to_rgb
+from zerovl_lightning.data.shards import expand_shards
 from zerovl_lightning.eval.retrieval import evaluate_retrieval, retrieval_ranks, summarize
 from zerovl_lightning.eval.retrieval_data import PAD, RankSplitSampler, RetrievalImages, retrieval_loaders
+from zerovl_lightning.eval.retrieval_report import RetrievalCallback
+from zerovl_lightning.eval.transforms import eval_transform
 from zerovl_lightning.model import build_tiny
 from zerovl_lightning.module import ZeroVLModule
 
@@ -26,8 +28,8 @@ def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("val")
     write_shards(root / "toy" / "heldout")  # 12 images, 1–3 captions each, images split across shards
     write_shards(root / "other" / "heldout", n_images=5)  # 5 images: ranks get 3 / 2 (padding needed)
-    return {"other": resolve_shards(str(root / "other" / "heldout")),
-            "toy": resolve_shards(str(root / "toy" / "heldout"))}  # fmt: skip
+    return {"other": expand_shards(str(root / "other" / "heldout")),
+            "toy": expand_shards(str(root / "toy" / "heldout"))}  # fmt: skip
 
 
 def brute_force(model, shards) -> dict[str, float]:
@@ -35,7 +37,7 @@ def brute_force(model, shards) -> dict[str, float]:
     transform = eval_transform(model.preprocess_cfg)
     images, captions = {}, {}
     for url in shards:
-        for s in _iter_tar(url):
+        for s in iter_samples(url):
             meta = json.loads(s["json"])
             images.setdefault(meta["image_id"], transform(to_rgb(Image.open(io.BytesIO(s["png"])))))
             captions[meta["caption_id"]] = (meta["image_id"], s["txt"].decode().strip())

@@ -2,8 +2,13 @@
 on retrieval, zero-shot classification and linear-probe sets; prints a table, writes a results JSON.
 
     zerovl-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
-    zerovl-eval export_dir=exports/demo tasks=[retrieval] retrieval.sets='{tuxpaint: /data/tux/heldout}'
+    zerovl-eval export_dir=exports/demo tasks=[retrieval] data.val_sets='{tuxpaint: /data/tux/heldout}'
     zerovl-eval model=effl0_minilm          # the untrained baseline
+
+The evaluators are configured by ``zerovl-train``'s own files (``conf/callbacks/{retrieval,zeroshot,linear_probe}
+.yaml``, composed by ``conf/eval.yaml``), so every option of training's evaluation is an option here, under the
+same key: retrieval runs through ``trainer.validate`` with the module, loaders and report callback of training;
+zero-shot classification and the linear probe are the training callbacks, called once.
 """
 
 from __future__ import annotations
@@ -22,14 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 import zerovl_lightning.assets  # noqa: F401  (registers ${zerovl.asset:...})
 from zerovl_lightning.errors import exit_on_known_errors
 from zerovl_lightning.eval import report
-from zerovl_lightning.eval.callbacks import (
-    EvalCallback,
-    LinearProbeCallback,
-    RetrievalCallback,
-    ZeroShotCallback,
-)
-from zerovl_lightning.eval.datasets import resolve_retrieval_sets
-from zerovl_lightning.eval.retrieval_data import retrieval_loaders
+from zerovl_lightning.eval.classification_callbacks import EvalCallback
+from zerovl_lightning.eval.retrieval_data import resolve_retrieval_sets, retrieval_loaders
+from zerovl_lightning.eval.retrieval_report import RetrievalCallback
 from zerovl_lightning.export import load_dual_encoder
 from zerovl_lightning.module import ZeroVLModule
 
@@ -54,49 +54,65 @@ def _accelerator(name: str) -> dict[str, Any]:
     return {"accelerator": name, "devices": 1}
 
 
-def _section(cfg: DictConfig, name: str) -> dict[str, Any] | None:
-    node = cfg.get(name)
-    if name not in cfg.tasks or node is None:
-        return None
-    plain = OmegaConf.to_container(node, resolve=True)
-    return plain if isinstance(plain, dict) and plain.get("sets") else None
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_evaluators(cfg: DictConfig) -> list[EvalCallback]:
-    """The zero-shot classification / linear-probe callbacks for the chosen ``tasks`` (used without a trainer).
-
-    Every key of the ``zeroshot`` / ``linear_probe`` sections is a constructor argument (``+linear_probe.max_iter=50``
-    works); ``batch_size`` / ``num_workers`` / ``progress`` default to the top-level keys.
-    """
+def _check_tasks(cfg: DictConfig) -> None:
     unknown = set(cfg.tasks) - set(TASKS)
     if unknown:
         from zerovl_lightning.config_checks import ConfigError
 
         raise ConfigError(f"tasks={list(cfg.tasks)}: unknown {sorted(unknown)}; choose from {list(TASKS)}")
-    common: dict[str, Any] = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress)
+
+
+def build_evaluators(cfg: DictConfig) -> list[EvalCallback]:
+    """The zero-shot classification / linear-probe callbacks of the chosen ``tasks``, instantiated from
+    ``callbacks.zeroshot`` / ``callbacks.linear_probe`` (``conf/callbacks/*.yaml``, as in training); their
+    files go next to ``output``."""
+    _check_tasks(cfg)
     evaluators: list[EvalCallback] = []
-    if z := _section(cfg, "zeroshot"):
-        evaluators.append(ZeroShotCallback(**{**common, **z}))
-    if p := _section(cfg, "linear_probe"):
-        evaluators.append(LinearProbeCallback(**{**common, **p}))
+    for task in ("zeroshot", "linear_probe"):
+        node = cfg.get("callbacks", {}).get(task)
+        if task not in cfg.tasks or node is None or not node.get("sets"):
+            continue
+        if "_target_" not in node:
+            from zerovl_lightning.config_checks import ConfigError
+
+            raise ConfigError(f"tasks has {task} but callbacks.{task} has no _target_; keep callbacks/{task} in "
+                              "the defaults of conf/eval.yaml or drop it from tasks")  # fmt: skip
+        evaluators.append(instantiate(node, output_dir=Path(cfg.output).parent))
     return evaluators
+
+
+def build_retrieval(
+    cfg: DictConfig, model: torch.nn.Module, output_dir: Path
+) -> tuple[ZeroVLModule, RetrievalCallback, list[Any]] | None:
+    """(module, report callback, loaders) of the retrieval validation, from ``module.retrieval``,
+    ``callbacks.retrieval`` and ``data.val_sets`` / ``val_batch_size`` / ``val_num_workers``; None when
+    ``retrieval`` is not among the tasks or no sets are given."""
+    _check_tasks(cfg)
+    if "retrieval" not in cfg.tasks or not cfg.data.get("val_sets"):
+        return None
+    module = ZeroVLModule(model, retrieval=_plain(cfg.module.get("retrieval")))
+    reporter = instantiate(cfg.callbacks.retrieval, output_dir=output_dir)
+    loaders = retrieval_loaders(
+        resolve_retrieval_sets(_plain(cfg.data.val_sets)), model.preprocess_cfg,
+        int(cfg.data.val_batch_size), int(cfg.data.val_num_workers),
+    )  # fmt: skip
+    return module, reporter, loaders
 
 
 def validate_retrieval(cfg: DictConfig, model: torch.nn.Module, output: Path) -> list[dict[str, Any]]:
     """Zero-shot retrieval through ``trainer.validate``: the validation loop, module and report callback of
     ``zerovl-train``. Writes ``recall_at_k.png`` next to ``output``; returns the records."""
-    r = _section(cfg, "retrieval")
-    if r is None:
+    built = build_retrieval(cfg, model, output.parent)
+    if built is None:
         return []
-    module = ZeroVLModule(model, retrieval={k: r[k] for k in ("ks", "chunk_size", "ties") if k in r})
-    reporter = RetrievalCallback(curve_max_k=r.get("curve_max_k", 50), num_examples=0, output_dir=output.parent)
+    module, reporter, loaders = built
     trainer = L.Trainer(
         **_accelerator(str(cfg.device)), logger=False, callbacks=[reporter], enable_checkpointing=False,
         enable_progress_bar=bool(cfg.progress), enable_model_summary=False, default_root_dir=output.parent,
-    )  # fmt: skip
-    loaders = retrieval_loaders(
-        resolve_retrieval_sets(r["sets"]), model.preprocess_cfg,
-        r.get("batch_size", cfg.batch_size), r.get("num_workers", cfg.num_workers),
     )  # fmt: skip
     trainer.validate(module, dataloaders=loaders, verbose=False)
     if reporter.curves:

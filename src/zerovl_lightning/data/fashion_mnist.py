@@ -1,5 +1,5 @@
 """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``: the one reader (zero-shot classification
-and the linear probe use it through ``eval/datasets.py``; ``.ci/run`` checks :data:`FASHION_MNIST_DIR`)."""
+and the linear probe use it through ``eval/classification_data.py``; ``.ci/run`` checks :data:`FASHION_MNIST_DIR`)."""
 
 from __future__ import annotations
 

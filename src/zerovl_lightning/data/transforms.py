@@ -84,24 +84,6 @@ def min_crop_fraction(scale: Sequence[float], ratio: tuple[float, float] = (3 / 
     return min(1.0, (scale[0] * ratio[0]) ** 0.5)
 
 
-def build_eval_transform(
-    preprocess_cfg: Mapping[str, Any] | None = None, image_size: int | None = None
-) -> T.Compose:
-    """PIL RGB image → normalised FloatTensor[3, s, s]: squash-resize to s·256/224, centre-crop s (the
-    paper's)."""
-    size = _size(preprocess_cfg, image_size)
-    resized = round(size * 256 / 224)
-    mean, std = _mean_std(preprocess_cfg)
-    return T.Compose(
-        [
-            T.Resize((resized, resized), interpolation=_interpolation(preprocess_cfg)),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
 class TokenAugment:
     """ZeroVL's word-piece augmentation on padded token ids [B, L] (see module docstring).
 

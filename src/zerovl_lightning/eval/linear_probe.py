@@ -19,13 +19,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from zerovl_lightning.eval.datasets import (
-    ClassificationSet,
-    Transformed,
-    eval_transform,
-    evaluating,
-    rank_subset,
-)
+from zerovl_lightning.eval.classification_data import ClassificationSet, Transformed
+from zerovl_lightning.eval.encoding import evaluating, rank_subset
+from zerovl_lightning.eval.transforms import eval_transform
 from zerovl_lightning.eval.zeroshot import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -60,9 +56,7 @@ def image_features(model: nn.Module, images: Tensor) -> Tensor:
         x = visual.stem(images)
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         return x.mean(dim=(2, 3))
-    log.warning(
-        "linear probe: no pre-projection hook for %s; using the projected embedding", type(visual).__name__
-    )
+    log.warning("linear probe: no pre-projection hook for %s; using the projected embedding", type(visual).__name__)
     return model.encode_image(images, normalize=False)  # type: ignore[operator]
 
 
@@ -205,6 +199,4 @@ def evaluate_linear_probe(
     kw = dict(batch_size=batch_size, num_workers=num_workers, image_size=image_size, progress=progress)
     train_x, train_y = extract_features(model, dataset.train, pp, desc=f"probe {dataset.name} train", **kw)
     test_x, test_y = extract_features(model, dataset.test, pp, desc=f"probe {dataset.name} test", **kw)
-    return linear_probe(
-        train_x, train_y, test_x, test_y, dataset.num_classes, weight_decays, val_fraction, max_iter
-    )
+    return linear_probe(train_x, train_y, test_x, test_y, dataset.num_classes, weight_decays, val_fraction, max_iter)

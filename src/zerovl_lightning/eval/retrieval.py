@@ -277,9 +277,7 @@ class RetrievalMetric(Metric):
         caption_ids, keep = first_unique(caption_ids)
         if keep is not None:
             text_emb, caption_image_ids = text_emb[keep], caption_image_ids[keep]
-        caption_image_index = torch.searchsorted(image_ids, caption_image_ids).clamp(
-            max=image_ids.numel() - 1
-        )
+        caption_image_index = torch.searchsorted(image_ids, caption_image_ids).clamp(max=image_ids.numel() - 1)
         unknown = image_ids[caption_image_index] != caption_image_ids
         if bool(unknown.any()):
             raise ValueError(f"{int(unknown.sum())} captions refer to image ids without an image embedding")

@@ -1,5 +1,8 @@
 """Retrieval sets by image: each unique image is decoded and encoded once, on one rank, with all its captions.
 
+:func:`resolve_retrieval_sets` turns the config's ``val_sets`` (``{name: shards}`` or a glob of set folders) into
+named shard lists (:func:`zerovl_lightning.data.shards.expand_shards`, the training loader's expander).
+
 Shards hold one sample per caption (``KEY.{jpg,png,webp}``, ``KEY.txt``, ``KEY.json`` with ``image_id`` and
 ``caption_id``), so an image with five captions is stored five times. :func:`index_retrieval_set` reads the tar
 headers and the small ``.json``/``.txt`` members only (image payloads are skipped by offset), groups captions by
@@ -11,6 +14,7 @@ of validation batches (DDP's forward broadcasts buffers: unequal batch counts wo
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import math
@@ -18,13 +22,16 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from webdataset.tariterators import base_plus_ext
 
-from zerovl_lightning.eval.datasets import IMAGE_EXTENSIONS, eval_transform, resolve_shards
+from zerovl_lightning.data.shards import IMAGE_EXTS, expand_shards
+from zerovl_lightning.eval.transforms import eval_transform
 
 PAD = -1  # sampler index of a padding item: no decode, no captions, image_id -1 (dropped by the step)
 
@@ -41,28 +48,46 @@ class RetrievalImage:
     caption_ids: list[int] = field(default_factory=list)
 
 
-def _member_key_ext(name: str) -> tuple[str, str]:
-    base = os.path.basename(name)
-    dot = base.find(".")
-    folder = os.path.dirname(name)
-    key, ext = (base, "") if dot < 0 else (base[:dot], base[dot + 1 :].lower())
-    return (f"{folder}/{key}" if folder else key), ext
+def resolve_retrieval_sets(sets: str | os.PathLike | Mapping[str, Any] | Sequence[str]) -> dict[str, list[str]]:
+    """Named shard lists from ``{name: spec}``, or from a glob of folders (name = the folder above
+    ``heldout``).
+
+    ``"<cache>/demo/*/heldout"`` finds every demo source's held-out split, whatever sources the builder wrote.
+    """
+    if isinstance(sets, Mapping):
+        return {str(name): expand_shards(spec, source=str(name)) for name, spec in sets.items()}
+    patterns = [sets] if isinstance(sets, (str, os.PathLike)) else list(sets)
+    folders = sorted({f for p in patterns for f in glob.glob(str(p)) if os.path.isdir(f)})
+    if not folders:
+        raise FileNotFoundError(
+            f"no retrieval set folders match {patterns!r}; build the demo data first (zerovl-data demo) "
+            "or give sets as {name: shard folder/glob}"
+        )
+    named: dict[str, list[str]] = {}
+    for folder in folders:
+        p = Path(folder)
+        name = p.parent.name if p.name in ("heldout", "test", "val", "train") else p.name
+        named[name] = expand_shards(folder, source=name)
+    return named
 
 
 def index_retrieval_set(shards: str | Sequence[str]) -> list[RetrievalImage]:
     """Unique images of a shard set in image id order, with their captions; reads no image payloads."""
     images: dict[int, RetrievalImage] = {}
-    for url in resolve_shards(shards):
+    for url in expand_shards(shards, source="retrieval set"):
         samples: dict[str, dict[str, Any]] = {}
         with tarfile.open(url, "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _member_key_ext(member.name)
+                key, ext = base_plus_ext(member.name)
+                if key is None:  # no extension: not part of a sample (webdataset skips it too)
+                    continue
+                ext = ext.lower()
                 sample = samples.setdefault(key, {})
                 if ext in ("json", "txt"):
                     sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-                elif ext in IMAGE_EXTENSIONS and "image" not in sample:
+                elif ext in IMAGE_EXTS and "image" not in sample:
                     sample["image"] = (member.offset_data, member.size)
         for key, sample in samples.items():
             if "json" not in sample or "txt" not in sample or "image" not in sample:
@@ -149,9 +174,7 @@ def collate_retrieval(items: list[dict[str, Any]], name: str = "") -> dict[str, 
         "image_id": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
         "caption": [c for it in items for c in it["captions"]],
         "caption_id": torch.tensor([c for it in items for c in it["caption_ids"]], dtype=torch.long),
-        "caption_image_id": torch.tensor(
-            [it["image_id"] for it in items for _ in it["captions"]], dtype=torch.long
-        ),
+        "caption_image_id": torch.tensor([it["image_id"] for it in items for _ in it["captions"]], dtype=torch.long),
     }
 
 

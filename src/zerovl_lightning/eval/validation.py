@@ -4,7 +4,7 @@ The LightningModule owns a :class:`RetrievalValidation`; ``validation_step`` pas
 :func:`~zerovl_lightning.eval.retrieval_data.retrieval_loaders` (the batch names its set), and
 ``on_validation_epoch_end`` computes every set (the metric syncs its states across DDP ranks) and logs
 ``val/<set>/{i2t_r1, …, rsum, i2t_medr, t2i_medr}``. Reports (history, JSON, plots, tables) are the
-:class:`~zerovl_lightning.eval.callbacks.RetrievalCallback`'s job; it reads :attr:`RetrievalValidation.results`.
+:class:`~zerovl_lightning.eval.retrieval_report.RetrievalCallback`'s job; it reads :attr:`RetrievalValidation.results`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zerovl_lightning.eval.datasets import evaluating
+from zerovl_lightning.eval.encoding import evaluating
 from zerovl_lightning.eval.retrieval import RetrievalMetric, Ties
 
 

@@ -18,13 +18,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from tqdm.auto import tqdm
 
-from zerovl_lightning.eval.datasets import (
-    ClassificationSet,
-    Transformed,
-    eval_transform,
-    evaluating,
-    rank_subset,
-)
+from zerovl_lightning.eval.classification_data import ClassificationSet, Transformed
+from zerovl_lightning.eval.encoding import evaluating, rank_subset
+from zerovl_lightning.eval.transforms import eval_transform
 
 
 class Encoder(Protocol):
@@ -58,9 +54,7 @@ def zeroshot_classifier(
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def classification_metrics(
-    num_classes: int, device: torch.device | str = "cpu", sync: bool = True
-) -> MetricCollection:
+def classification_metrics(num_classes: int, device: torch.device | str = "cpu", sync: bool = True) -> MetricCollection:
     """top1, top5 (when there are ≥ 5 classes) and mean per-class recall, as CLIP_benchmark.
 
     ``sync=False`` when every rank already holds all predictions (the linear probe fits on gathered features).
@@ -108,9 +102,7 @@ def evaluate_zeroshot(
         loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
         metrics = classification_metrics(dataset.num_classes, ev.device)
         n = torch.zeros((), device=ev.device)
-        for images, labels in tqdm(
-            loader, desc=f"zero-shot {dataset.name}", disable=not progress, leave=False
-        ):
+        for images, labels in tqdm(loader, desc=f"zero-shot {dataset.name}", disable=not progress, leave=False):
             emb = model.encode_image(ev.images(images), normalize=True).float()
             metrics.update(emb @ classifier.T, labels.to(ev.device))
             n += labels.numel()

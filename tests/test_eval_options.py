@@ -53,7 +53,8 @@ def test_batch_size_and_workers_reach_every_evaluator(root):
     assert isinstance(zeroshot, ZeroShotCallback) and isinstance(probe, LinearProbeCallback)
     assert zeroshot.batch_size == probe.batch_size == 7 and not zeroshot.progress
     # one evaluator alone, under training's key
-    cfg = eval_cfg("batch_size=7", "data.val_batch_size=3", "callbacks.zeroshot.batch_size=5")
+    cfg = eval_cfg("batch_size=7", "data.val_batch_size=3", "callbacks.zeroshot.batch_size=5",
+                   f"data.val_sets={{toy: {root / 'toy' / 'heldout'}}}")  # fmt: skip
     _, _, loaders = build_retrieval(cfg, build_tiny(), Path("/tmp/unused"))
     assert {loader.batch_size for loader in loaders} == {3}
     zeroshot, probe = build_evaluators(cfg)

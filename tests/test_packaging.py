@@ -147,3 +147,13 @@ def test_tiny_run_with_a_user_config_folder(
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/tuxpaint/rsum" in metrics
     assert (run / ".hydra" / "config.yaml").read_text().count("task_name: my_smoke") == 1
+
+
+def test_every_package_folder_ships_in_the_wheel() -> None:
+    """pyproject lists its packages by hand (conf/ is mapped in): a new sub-package must be listed too."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    src = ROOT / "src"
+    found = {".".join(p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
+    assert found <= listed, f"add to pyproject's [tool.setuptools] packages: {sorted(found - listed)}"

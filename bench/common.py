@@ -109,6 +109,22 @@ def compose_train(overrides: Sequence[str], run_dir: Path) -> Any:
     return cfg
 
 
+def probe_overrides(out: Path, steps: int, warmup: int) -> list[str]:
+    """The overrides every benchmark fit shares: ``steps`` optimizer steps, nothing but the measuring callback
+    (``bench/probe.py``, results in ``out``.json), no checkpoints, loggers or progress output."""
+    return [
+        f"trainer.max_steps={steps}",
+        "++trainer.enable_checkpointing=false",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+        "callbacks=none",
+        "logger=none",
+        "+callbacks.probe._target_=probe.Probe",
+        f"+callbacks.probe.out={out}",
+        f"+callbacks.probe.warmup_steps={warmup}",
+    ]
+
+
 def zerovl_train(overrides: Sequence[str], run_dir: Path) -> None:
     """Run ``zerovl-train <overrides>`` in this process: the console script's own entry
     (``zerovl_lightning.train.main``, Hydra's config passthrough) on the composed config."""

@@ -35,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # probe.py, common.py
 
-from common import RESULTS, machine, write_shards, zerovl_train  # noqa: E402
+from common import RESULTS, machine, probe_overrides, write_shards, zerovl_train  # noqa: E402
 
 K = 8  # DGA sub-batches per step, and the accumulation factor it is compared with
 
@@ -86,15 +86,7 @@ def run(s: Setting, work: Path, name: str, batch: int, steps: int, extra: list[s
         "data.resampled=true",
         f"data.steps_per_epoch={steps}",
         "data.shuffle_buffer=256",
-        f"trainer.max_steps={steps}",
-        "++trainer.enable_checkpointing=false",
-        "++trainer.enable_progress_bar=false",
-        "++trainer.enable_model_summary=false",
-        "callbacks=none",
-        "logger=none",
-        "+callbacks.probe._target_=probe.Probe",
-        f"+callbacks.probe.out={out}",
-        f"+callbacks.probe.warmup_steps={s.warmup if not grads else 0}",
+        *probe_overrides(out, steps, s.warmup if not grads else 0),
         f"+callbacks.probe.save_grads={grads}",
         f"paths.root_dir={work}",
         *extra,

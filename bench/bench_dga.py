@@ -197,24 +197,19 @@ def memory_worker(method: str, n: int) -> dict[str, float]:
     }
 
 
+def _memory_row(worker_flag: str, method: str, n: int) -> dict[str, Any]:
+    """One memory measurement in a fresh process (``bench_dga.py <worker_flag> METHOD N``), printed as it lands."""
+    out = subprocess.run(
+        [sys.executable, __file__, worker_flag, method, str(n)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"memory {method:28s} N={n:4d}: peak {row['peak_rss_mb']:.0f} MiB, step +{row['step_delta_mb']:.0f} MiB",
+          flush=True)  # fmt: skip
+    return row
+
+
 def measure_memory(ns: list[int]) -> list[dict[str, float]]:
-    rows = []
-    for n in ns:
-        for method in ("plain", "dga"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-worker", method, str(n)],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=ROOT,
-            )
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(
-                f"memory {method:5s} N={n:4d}: peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
-                f"step +{rows[-1]['step_delta_mb']:.0f} MiB",
-                flush=True,
-            )
-    return rows
+    return [_memory_row("--memory-worker", method, n) for n in ns for method in ("plain", "dga")]
 
 
 # ------------------------------------------------------------------------- 2-process DDP memory
@@ -584,23 +579,8 @@ def locked_memory_worker(method: str, n: int) -> dict[str, Any]:
 
 
 def measure_locked_memory(n: int) -> list[dict[str, Any]]:
-    rows = []
     methods = ("plain", "plain_ckpt", "dga", "dga_ckpt", "dga_locked_image", "dga_locked_image_recompute")
-    for method in methods:
-        out = subprocess.run(
-            [sys.executable, __file__, "--locked-memory-worker", method, str(n)],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(
-            f"memory {method:28s} N={n}: peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
-            f"step +{rows[-1]['step_delta_mb']:.0f} MiB",
-            flush=True,
-        )
-    return rows
+    return [_memory_row("--locked-memory-worker", method, n) for method in methods]
 
 
 def _merge_results(update: dict[str, Any]) -> None:

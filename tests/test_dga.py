@@ -257,11 +257,11 @@ class _Capture(L.Callback):
         )
 
 
-def _fit(module, batch, precision="64-true", steps=1, plugins=None):
+def _fit(module, batch, precision="64-true", steps=1, plugins=None, accelerator="cpu"):
     cap = _Capture()
     trainer = L.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         precision=None if plugins else precision,
         plugins=plugins,

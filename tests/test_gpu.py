@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_crash_resume import CLAMPED, sources  # noqa: F401  (the module-scoped shards fixture of the resume test)
 from test_crash_resume import test_sigkill_then_resume_matches_uninterrupted_run as _crash_then_resume
-from test_dga import _batch, _max_rel_err, _model, _zerovl_module
+from test_dga import _batch, _fit, _max_rel_err, _model, _zerovl_module
 
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.mixup import encode_pair
@@ -50,8 +50,8 @@ def test_cuda_fp32_dga_equals_full_batch_with_tf32_off():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     batch = {**_batch(8), "image": _batch(8)["image"].float()}
-    _, cap_plain = _fit_cuda(_zerovl_module(), batch, "32-true")
-    _, cap_dga = _fit_cuda(_zerovl_module(sub_batch_size=2), batch, "32-true")
+    _, cap_plain = _fit(_zerovl_module(), batch, "32-true", accelerator="cuda")
+    _, cap_dga = _fit(_zerovl_module(sub_batch_size=2), batch, "32-true", accelerator="cuda")
     err = _max_rel_err(cap_dga.grads[0], cap_plain.grads[0])
     print(f"fp32 DGA vs full batch on CUDA: max relative error {err:.2e}")
     assert err <= 1e-5
@@ -60,35 +60,14 @@ def test_cuda_fp32_dga_equals_full_batch_with_tf32_off():
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_cuda_mixed_precision_dga_matches_fp32_full_batch(precision):
     batch = {**_batch(8), "image": _batch(8)["image"].float()}
-    _, cap_ref = _fit_cuda(_zerovl_module(), batch, "32-true")
-    _, cap = _fit_cuda(_zerovl_module(sub_batch_size=2), batch, precision)
+    _, cap_ref = _fit(_zerovl_module(), batch, "32-true", accelerator="cuda")
+    _, cap = _fit(_zerovl_module(sub_batch_size=2), batch, precision, accelerator="cuda")
     cos = _cosine(cap.grads[0], cap_ref.grads[0])
     print(
         f"{precision} DGA vs fp32 full batch on CUDA: min per-parameter cosine {cos:.6f}, "
         f"max relative error {_max_rel_err(cap.grads[0], cap_ref.grads[0]):.2e}"
     )
     assert cos >= 0.9999
-
-
-def _fit_cuda(module, batch, precision):
-    import lightning as L
-    from test_dga import _Capture
-    from torch.utils.data import DataLoader
-
-    cap = _Capture()
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cuda",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cap],
-    )
-    trainer.fit(module, DataLoader([batch], batch_size=None))
-    return trainer, cap
 
 
 @pytest.mark.parametrize("sub_batch_size", [None, 2], ids=["plain", "dga"])

@@ -139,14 +139,10 @@ class BatchEndCheckpoint(ModelCheckpoint):
                 for logger in trainer.loggers:
                     logger.after_save_checkpoint(proxy(self))
 
-    @staticmethod
-    def _is_last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
-        return is_last_batch(trainer, batch_idx)
-
     def _stepped(self, trainer: L.Trainer, batch_idx: int) -> bool:
         """False in the middle of gradient accumulation (no optimizer step happened on this batch)."""
         accumulate = trainer.accumulate_grad_batches
-        return (batch_idx + 1) % accumulate == 0 or self._is_last_batch(trainer, batch_idx)
+        return (batch_idx + 1) % accumulate == 0 or is_last_batch(trainer, batch_idx)
 
     def _step_due(self, trainer: L.Trainer) -> bool:
         n = self._every_n_train_steps
@@ -154,7 +150,7 @@ class BatchEndCheckpoint(ModelCheckpoint):
 
     def _epoch_due(self, trainer: L.Trainer, batch_idx: int) -> bool:
         e = self._every_n_epochs
-        return e >= 1 and (trainer.current_epoch + 1) % e == 0 and self._is_last_batch(trainer, batch_idx)
+        return e >= 1 and (trainer.current_epoch + 1) % e == 0 and is_last_batch(trainer, batch_idx)
 
     def _last_step(self, trainer: L.Trainer) -> bool:
         return bool(self.save_on_last_step) and 0 < trainer.max_steps <= trainer.global_step

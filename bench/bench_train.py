@@ -73,7 +73,7 @@ def run_ours(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "data.auto_augment=false",
             "data.crop_scale=[0.9,1.0]",
             "module.optimizer.lr=1e-3",
-            *common.probe_overrides(out, steps, a.warmup // k if k > 1 else a.warmup),
+            *common.probe_overrides(out, steps, a.warmup // k if k > 1 else a.warmup, track_memory=False),
             f"paths.root_dir={work}",
         ],
         work / "run",

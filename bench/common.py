@@ -109,9 +109,10 @@ def compose_train(overrides: Sequence[str], run_dir: Path) -> Any:
     return cfg
 
 
-def probe_overrides(out: Path, steps: int, warmup: int) -> list[str]:
+def probe_overrides(out: Path, steps: int, warmup: int, track_memory: bool = True) -> list[str]:
     """The overrides every benchmark fit shares: ``steps`` optimizer steps, nothing but the measuring callback
-    (``bench/probe.py``, results in ``out``.json), no checkpoints, loggers or progress output."""
+    (``bench/probe.py``, results in ``out``.json), no checkpoints, loggers or progress output.
+    ``track_memory=False``: no CPU saved-tensor hooks (throughput runs; CUDA peak memory is tracked anyway)."""
     return [
         f"trainer.max_steps={steps}",
         "++trainer.enable_checkpointing=false",
@@ -122,6 +123,7 @@ def probe_overrides(out: Path, steps: int, warmup: int) -> list[str]:
         "+callbacks.probe._target_=probe.Probe",
         f"+callbacks.probe.out={out}",
         f"+callbacks.probe.warmup_steps={warmup}",
+        f"+callbacks.probe.track_memory={str(track_memory).lower()}",
     ]
 
 

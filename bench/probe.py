@@ -56,10 +56,13 @@ class Probe(L.Callback):
     (CUDA max allocated; on CPU the peak of saved activations), and with ``save_grads`` the gradients the
     optimizer sees at the first step (after DDP reduction and AMP unscaling), as float64 on CPU."""
 
-    def __init__(self, out: str, warmup_steps: int = 1, save_grads: bool = False) -> None:
+    def __init__(self, out: str, warmup_steps: int = 1, save_grads: bool = False, track_memory: bool = True) -> None:
         self.out = Path(out)
         self.warmup_steps = int(warmup_steps)
         self.save_grads = bool(save_grads)
+        # CPU memory tracking hooks every tensor autograd saves (a Python call per tensor, forward and backward):
+        # throughput benchmarks switch it off, so they time the training step and not the measuring.
+        self.track_memory = bool(track_memory)
         self.marks: list[tuple[float, int, int]] = []  # (time, samples of this batch, global step after it)
         self.saved: SavedTensorBytes | None = None
 
@@ -70,7 +73,7 @@ class Probe(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        else:
+        elif self.track_memory:
             self.saved = SavedTensorBytes(list(pl_module.parameters()))
             self.saved.hooks.__enter__()
         self._sync(pl_module)
@@ -100,7 +103,7 @@ class Probe(L.Callback):
         if pl_module.device.type == "cuda":
             peak, metric = torch.cuda.max_memory_allocated(pl_module.device), "cuda_max_memory_allocated"
         else:
-            peak, metric = (self.saved.peak if self.saved else 0), "saved_activation_bytes"
+            peak, metric = (self.saved.peak, "saved_activation_bytes") if self.saved else (0, "not_tracked")
         result = {
             "optimizer_steps": int(trainer.global_step),
             "batches": len(self.marks),

@@ -140,3 +140,31 @@ def test_zerovl_train_is_offline_unless_the_user_allows_the_hub(user_value, offl
     code = "import zerovl_lightning.train, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(offline)
+
+
+@pytest.mark.parametrize("unlocked", [1, 2])
+def test_locked_bert_unlocks_its_last_layers_only(stand_in_weights, tmp_path, unlocked):
+    """model.lock_text_unlocked_layers on an HF BERT tower (open_clip's own lock raises KeyError 'layer_attr'):
+    the last layers and the projection train; embeddings, earlier layers and the NSP pooler stay frozen."""
+    cfg = compose_train(
+        [
+            "experiment=baseline",
+            f"model.model_cfg.vision_cfg.timm_model_name={TIMM_VIT}",
+            f"model.image_tower_weights={stand_in_weights['vit_file']}",
+            f"model.text_tower_weights={stand_in_weights['bert']}",
+            "++model.lock_text=true",
+            f"++model.lock_text_unlocked_layers={unlocked}",
+        ],
+        tmp_path,
+    )
+    text = instantiate(cfg.model).clip.text
+    trainable = {n for n, p in text.named_parameters() if p.requires_grad}
+    layers = [f"transformer.encoder.layer.{i}." for i in range(2)]
+    for i, prefix in enumerate(layers):
+        in_layer = {n for n, _ in text.named_parameters() if n.startswith(prefix)}
+        assert in_layer and (in_layer <= trainable if i >= 2 - unlocked else not in_layer & trainable), prefix
+    assert not {n for n in trainable if n.startswith(("transformer.embeddings.", "transformer.pooler."))}
+    assert {n for n in trainable if n.startswith("proj")}, "the projection stays trainable"
+    with pytest.raises(Exception, match="lock_text_unlocked_layers=3: the text tower has 2 layers"):
+        cfg.model.lock_text_unlocked_layers = 3
+        instantiate(cfg.model)

@@ -10,6 +10,7 @@ exchange.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,4 +53,13 @@ def all_gather_no_grad(x: torch.Tensor, world: WorldInfo) -> torch.Tensor:
         return x
     out = torch.empty((world.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x.contiguous(), group=world.group)
+    return out
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj`` in rank order: a collective under a process group, ``[obj]`` without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out

@@ -302,13 +302,38 @@ def build_dual_encoder(
         clip.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=False)
         _keep_trainable(getattr(clip.visual, "proj", None))
     if lock_text:
-        clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
+        if lock_text_unlocked_layers and _hf_layers(clip) is not None:
+            _lock_hf_text(clip, lock_text_unlocked_layers)
+        else:
+            clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
         _keep_trainable(getattr(clip, "text_projection", None))
     if grad_checkpointing:
         clip.set_grad_checkpointing(True)
 
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     return DualEncoder(clip, tokenizer, model_name, temperature, learn_temperature, tuple(temperature_range))
+
+
+def _hf_layers(clip: nn.Module) -> nn.ModuleList | None:
+    """The transformer layers of an HF text tower (BERT-style ``encoder.layer``); None for other towers."""
+    transformer = getattr(getattr(clip, "text", None), "transformer", None)
+    layers = getattr(getattr(transformer, "encoder", None), "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def _lock_hf_text(clip: nn.Module, unlocked_layers: int) -> None:
+    """Lock an HF text tower except its last ``unlocked_layers`` transformer layers (and the projection).
+
+    open_clip's ``HFTextEncoder.lock(unlocked_layers>0)`` looks up a ``layer_attr`` its own arch table lacks for
+    BERT (KeyError) and would leave the NSP pooler trainable; this freezes everything, LayerNorms included, then
+    unlocks the last layers whole, as open_clip means to.
+    """
+    layers = _hf_layers(clip)
+    if not 0 < unlocked_layers <= len(layers):
+        raise ValueError(f"model.lock_text_unlocked_layers={unlocked_layers}: the text tower has {len(layers)} layers")
+    clip.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    for layer in layers[len(layers) - unlocked_layers :]:
+        layer.requires_grad_(True)
 
 
 def _keep_trainable(projection: nn.Parameter | nn.Module | None) -> None:

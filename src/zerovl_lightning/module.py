@@ -21,6 +21,7 @@ from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
 from zerovl_lightning.mixup import CoinFlipMixup, MixupPlan, encode_pair
 from zerovl_lightning.model import DualEncoder
+from zerovl_lightning.param_groups import parameter_groups
 from zerovl_lightning.siglip_loss import SigLipLoss, SigLipObjective
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,14 @@ class ZeroVLModule(L.LightningModule):
         loss: str = "infonce",
         retrieval: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
+        lr_scales: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        # Hydra hands the option nodes over as OmegaConf containers; the module config cannot take `_convert_: all`,
+        # because its model node must reach to_portable unresolved (asset references survive in the checkpoint).
+        optimizer, scheduler, mixup, dga, retrieval, lr_scales = (
+            to_plain(node) for node in (optimizer, scheduler, mixup, dga, retrieval, lr_scales)
+        )
         if isinstance(model, nn.Module):
             self.save_hyperparameters(ignore=["model"])
             self.model = model
@@ -94,13 +101,15 @@ class ZeroVLModule(L.LightningModule):
             model = to_portable(model)  # asset paths stay ${zerovl.asset:…}: the checkpoint loads on any machine
             self.save_hyperparameters({"model": model})
             self.model = instantiate(model, _convert_="all")
-        self.optimizer_cfg = dict(to_plain(optimizer) or DEFAULT_OPTIMIZER)
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(to_plain(scheduler) or {})}
+        self.optimizer_cfg = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
+        self.lr_scales = {str(k): float(v) for k, v in (lr_scales or {}).items()}
         self.save_hyperparameters(
             {
                 "optimizer": self.optimizer_cfg,
                 "scheduler": self.scheduler_cfg,
                 "gather_with_grad": gather_with_grad,
+                "lr_scales": self.lr_scales,
             }
         )
         self.loss_name = _check_loss(loss, self.model)
@@ -108,9 +117,9 @@ class ZeroVLModule(L.LightningModule):
         self.save_hyperparameters({"loss": self.loss_name})
 
         # Coin-flipping mixup (off unless configured); decoupled gradient accumulation iff sub_batch_size.
-        mixup_cfg = dict(to_plain(mixup) or {"enabled": False})
+        mixup_cfg = dict(mixup or {"enabled": False})
         self.mixup = CoinFlipMixup(**mixup_cfg)
-        self.dga_cfg = {**DEFAULT_DGA, **(to_plain(dga) or {})}
+        self.dga_cfg = {**DEFAULT_DGA, **(dga or {})}
         if sub_batch_size is not None and int(sub_batch_size) <= 0:
             raise ValueError(f"module.sub_batch_size must be positive, got {sub_batch_size}")
         self.sub_batch_size = None if sub_batch_size is None else int(sub_batch_size)
@@ -128,11 +137,9 @@ class ZeroVLModule(L.LightningModule):
         )
         if self.tower_cache is not None:
             log.info("DGA pass 2 replays the locked parts, not recomputing them (%s)", self.tower_cache.describe())
-        self.save_hyperparameters(
-            {"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg}
-        )
+        self.save_hyperparameters({"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg})
         # Zero-shot retrieval in the validation loop (options: ks, chunk_size, ties); sets come from val_dataloader.
-        retrieval_cfg = dict(to_plain(retrieval) or {})
+        retrieval_cfg = dict(retrieval or {})
         self.retrieval = RetrievalValidation(**retrieval_cfg)
         self.save_hyperparameters({"retrieval": retrieval_cfg})
 
@@ -162,9 +169,7 @@ class ZeroVLModule(L.LightningModule):
         """
         n, b = batch["image"].shape[0], self.sub_batch_size
         if n % b:
-            raise ValueError(
-                f"module.sub_batch_size={b} must divide data.batch_size (got a batch of {n} samples)"
-            )
+            raise ValueError(f"module.sub_batch_size={b} must divide data.batch_size (got a batch of {n} samples)")
         subs = split_batch(batch, b)
         world = world_info()
         # partners mirror inside each sub-batch: a block-diagonal permutation of the gathered batch
@@ -240,7 +245,10 @@ class ZeroVLModule(L.LightningModule):
 
     def _current_lr(self) -> float | None:
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-        return None if opt is None else float(opt.param_groups[0]["lr"])
+        if opt is None:
+            return None
+        group = opt.param_groups[0]  # the base LR: a scaled group's rate over its multiplier
+        return float(group["lr"]) / float(group.get("lr_scale", 1.0) or 1.0)
 
     def _log_step(self, loss: torch.Tensor, batch_size: int, lr: float | None) -> None:
         """Loss, τ and the LR this step used; the loss is this rank's share, averaged over ranks = the full loss.
@@ -254,9 +262,7 @@ class ZeroVLModule(L.LightningModule):
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
         if lr is not None:
             self.log("train/lr", lr, prog_bar=True, batch_size=batch_size)
-        self.log(
-            "train/global_batch_size", float(batch_size * self.trainer.world_size), batch_size=batch_size
-        )
+        self.log("train/global_batch_size", float(batch_size * self.trainer.world_size), batch_size=batch_size)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Clamp τ right after the update, so the checkpoint a callback saves at batch end holds the clamped value."""
@@ -286,16 +292,9 @@ class ZeroVLModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on matrices only: no decay for gains, biases and the temperature (as OpenCLIP)."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.ndim < 2 or "logit_scale" in name or "bias" in name or "norm" in name or "bn" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """Weight decay on matrices only, ``lr_scales`` multipliers by parameter name (param_groups.py)."""
+        lr = self.optimizer_cfg.get("lr")
+        return parameter_groups(self.model, None if lr is None else float(lr), self.lr_scales)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.optimizer_cfg)(self.parameter_groups())

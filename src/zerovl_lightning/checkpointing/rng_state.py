@@ -10,9 +10,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..distributed import all_gather_object
 from .batch_end import is_last_batch
 
 
@@ -94,12 +94,8 @@ class RNGStateCheckpoint(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         mine = capture_rng_states()
-        if self._world > 1 and dist.is_available() and dist.is_initialized():
-            states: list[Any] = [None] * dist.get_world_size()
-            # Checkpoints are dumped on every rank (only rank 0 writes), so a collective is safe here.
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
+        # Checkpoints are dumped on every rank (only rank 0 writes), so a collective is safe here.
+        states = all_gather_object(mine) if self._world > 1 else [mine]
         epoch_end = self._trainer is not None and self._trainer.training and is_last_batch(self._trainer)
         return {"per_rank": states, "epoch_end": epoch_end}
 

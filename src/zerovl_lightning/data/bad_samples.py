@@ -111,6 +111,17 @@ class BadSampleCounter:
         return True
 
 
+def sum_counts(parts: Sequence[Mapping[str, Mapping[str, int]]]) -> dict[str, dict[str, int]]:
+    """``{source: {kind: n}}`` counts of several ranks summed, non-zero entries only."""
+    total: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for src, c in part.items():
+            for kind, n in c.items():
+                if n:
+                    total.setdefault(src, {})[kind] = total.get(src, {}).get(kind, 0) + n
+    return total
+
+
 def decode_sample(
     raw: Mapping[str, Any],
     counter: BadSampleCounter,

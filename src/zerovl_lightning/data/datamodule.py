@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
+from ..distributed import all_gather_object
 from ..world import per_rank_batch
-from .bad_samples import DEFAULT_MAX_IMAGE_PIXELS
+from .bad_samples import DEFAULT_MAX_IMAGE_PIXELS, sum_counts
 from .consumption import ConsumptionTracker
 from .loader import ZeroVLLoader
 from .options import check_data_options
@@ -281,7 +282,7 @@ class ZeroVLDataModule(LightningDataModule):
             "resampled": self.resampled,
             "seed": self.seed,
         }
-        check_same_plan(plan_inputs(self.infos, settings), self._all_gather)  # one collective under DDP
+        check_same_plan(plan_inputs(self.infos, settings), all_gather_object)  # one collective under DDP
         slots = R * W
         shared = [i for i, s in zip(self.infos, self.splits) if s == "sample" and slots > 1]
         if shared and self.rank == 0:
@@ -352,22 +353,7 @@ class ZeroVLDataModule(LightningDataModule):
         """Skipped samples per source and kind (non-zero only): this rank's, or all ranks' with
         ``sync=True``."""
         local = copy.deepcopy(self.tracker.counts)
-        parts = self._all_gather(local) if sync else [local]
-        total: dict[str, dict[str, int]] = {}
-        for part in parts:
-            for src, c in part.items():
-                for kind, n in c.items():
-                    if n:
-                        total.setdefault(src, {})[kind] = total.get(src, {}).get(kind, 0) + n
-        return total
-
-    def _all_gather(self, obj: Any) -> list[Any]:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
+        return sum_counts(all_gather_object(local) if sync else [local])
 
     def _fingerprint(self) -> dict[str, Any]:
         assert self.sampler is not None
@@ -393,7 +379,7 @@ class ZeroVLDataModule(LightningDataModule):
         local = self.tracker.local_state()
         if self.tracker.step == 0 and self._stream is not None:
             local["epoch"] = self._stream.epoch
-        ranks = self._all_gather(local)
+        ranks = all_gather_object(local)
         return {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint(),

@@ -9,12 +9,14 @@ LR; the first pattern a name matches wins, the rest keep 1. Every group stores i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
 
+log = logging.getLogger(__name__)
 NO_DECAY_MARKERS = ("logit_scale", "bias", "norm", "bn")
 
 
@@ -36,7 +38,7 @@ def parameter_groups(
     Groups 0 and 1 are always the full-LR decay and no-decay groups (possibly empty: the optimizer state of a run
     without ``lr_scales`` keeps its two groups); scaled groups follow. ``lr``: the optimizer's peak LR (needed
     with ``lr_scales``; None leaves every group at the optimizer's own). A pattern that matches no trainable
-    parameter is refused: a typo would otherwise train that part at the full LR.
+    parameter is reported with a warning (a typo would otherwise silently train that part at the full LR).
     """
     lr_scales = dict(lr_scales or {})
     if lr_scales and lr is None:
@@ -47,10 +49,12 @@ def parameter_groups(
     # names as in the open_clip model (a DualEncoder's ``clip.`` prefix dropped): visual.trunk.*, text.*, logit_scale
     named = [(n.removeprefix("clip."), p) for n, p in model.named_parameters() if p.requires_grad]
     unused = [pat for pat in lr_scales if not any(fnmatchcase(n, pat) for n, _ in named)]
-    if unused:
-        raise ValueError(
-            f"module.lr_scales: {unused} match no trainable parameter (names look like "
-            f"{[n for n, _ in named[:3]]}); fix the pattern or unlock that part of the tower"
+    if unused:  # a warning, not an error: an experiment's patterns may not fit a model swapped in under it
+        log.warning(
+            "module.lr_scales: %s match no trainable parameter (names look like %s) and have no effect; fix the "
+            "pattern or unlock that part of the tower",
+            unused,
+            [n for n, _ in named[:3]],
         )
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
     for name, p in named:

@@ -302,8 +302,9 @@ def build_dual_encoder(
         clip.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=False)
         _keep_trainable(getattr(clip.visual, "proj", None))
     if lock_text:
-        if lock_text_unlocked_layers and _hf_layers(clip) is not None:
-            _lock_hf_text(clip, lock_text_unlocked_layers)
+        hf_layers = _hf_layers(clip) if lock_text_unlocked_layers else None
+        if hf_layers is not None:
+            _lock_hf_text(clip, hf_layers, lock_text_unlocked_layers)
         else:
             clip.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=True)
         _keep_trainable(getattr(clip, "text_projection", None))
@@ -321,14 +322,13 @@ def _hf_layers(clip: nn.Module) -> nn.ModuleList | None:
     return layers if isinstance(layers, nn.ModuleList) else None
 
 
-def _lock_hf_text(clip: nn.Module, unlocked_layers: int) -> None:
-    """Lock an HF text tower except its last ``unlocked_layers`` transformer layers (and the projection).
+def _lock_hf_text(clip: nn.Module, layers: nn.ModuleList, unlocked_layers: int) -> None:
+    """Lock an HF text tower except its last ``unlocked_layers`` of ``layers`` (and the projection).
 
     open_clip's ``HFTextEncoder.lock(unlocked_layers>0)`` looks up a ``layer_attr`` its own arch table lacks for
     BERT (KeyError) and would leave the NSP pooler trainable; this freezes everything, LayerNorms included, then
     unlocks the last layers whole, as open_clip means to.
     """
-    layers = _hf_layers(clip)
     if not 0 < unlocked_layers <= len(layers):
         raise ValueError(f"model.lock_text_unlocked_layers={unlocked_layers}: the text tower has {len(layers)} layers")
     clip.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)

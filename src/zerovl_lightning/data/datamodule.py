@@ -36,7 +36,6 @@ prefetched. Without a Trainer, the loader records each batch as it yields it. Do
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -352,7 +351,7 @@ class ZeroVLDataModule(LightningDataModule):
     def bad_sample_counts(self, sync: bool = False) -> dict[str, dict[str, int]]:
         """Skipped samples per source and kind (non-zero only): this rank's, or all ranks' with
         ``sync=True``."""
-        local = copy.deepcopy(self.tracker.counts)
+        local = self.tracker.counts  # sum_counts only reads; it returns new dicts
         return sum_counts(all_gather_object(local) if sync else [local])
 
     def _fingerprint(self) -> dict[str, Any]:

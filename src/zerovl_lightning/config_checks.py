@@ -125,6 +125,27 @@ def _check_optimizer(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={v} must be between 0 and 1")
 
 
+def _check_feature_cache(cfg: DictConfig) -> None:
+    """``module.feature_cache`` keeps one output per sample: the train input must be the same every epoch."""
+    if not _node(cfg, "module.feature_cache.enabled"):
+        return
+    random = [
+        f"{key}={_plain(_node(cfg, key))}"
+        for key, deterministic in (
+            ("data.crop_scale", lambda v: v is None),
+            ("data.auto_augment", lambda v: not v),
+            ("data.text_augment", lambda v: not v),
+        )
+        if not deterministic(_node(cfg, key))
+    ]
+    if random:
+        raise ConfigError(
+            f"module.feature_cache.enabled=true needs the same train input every epoch, but {', '.join(random)} "
+            "draws a new one: set data.crop_scale=null data.auto_augment=false data.text_augment=false, or "
+            "module.feature_cache.enabled=false"
+        )
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -230,6 +251,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_batches(cfg)
     _check_training_length(cfg)
     _check_optimizer(cfg)
+    _check_feature_cache(cfg)
     _check_output_dir(cfg)
     _check_ckpt_path(cfg)
     _check_data(cfg)

@@ -57,7 +57,9 @@ def _trainable(params: Any) -> bool:
     return any(p.requires_grad for p in params)
 
 
-def _text_parameters(clip: nn.Module) -> list[nn.Parameter]:
+def text_parameters(clip: nn.Module) -> list[nn.Parameter]:
+    """The text tower's parameters: ``clip.text`` (a custom text tower) or everything but the image tower and
+    the logit scale / bias (open_clip's native CLIP keeps its text modules at the top level)."""
     if isinstance(getattr(clip, "text", None), nn.Module):
         return list(clip.text.parameters())
     skip = {id(p) for p in clip.visual.parameters()}
@@ -65,9 +67,10 @@ def _text_parameters(clip: nn.Module) -> list[nn.Parameter]:
     return [p for p in clip.parameters() if id(p) not in skip]
 
 
-def _locked_tower(
+def locked_part(
     name: str, clip: nn.Module, encode_attr: str, module: nn.Module, params: list[nn.Parameter]
 ) -> _Tower | None:
+    """The locked part of one tower whose output can be kept (see module docstring), or None."""
     if not params:
         return None
     if not _trainable(params):
@@ -125,8 +128,8 @@ class LockedTowerCache:
         if not hasattr(clip, "visual"):
             return None
         towers = [
-            _locked_tower("image", clip, "encode_image", clip.visual, list(clip.visual.parameters())),
-            _locked_tower("text", clip, "encode_text", getattr(clip, "text", clip), _text_parameters(clip)),
+            locked_part("image", clip, "encode_image", clip.visual, list(clip.visual.parameters())),
+            locked_part("text", clip, "encode_text", getattr(clip, "text", clip), text_parameters(clip)),
         ]
         towers = [t for t in towers if t is not None]
         return cls(clip, towers, limit_mb) if towers else None
@@ -180,7 +183,7 @@ class LockedTowerCache:
                 self._keep(_t, k, out)
                 return out
 
-            undo.append(_shadow(t.owner, t.attr, run))
+            undo.append(shadow(t.owner, t.attr, run))
         with _undone(undo):
             yield
 
@@ -196,10 +199,10 @@ class LockedTowerCache:
                 return _out
 
             if t.kind == "blocks":  # the first locked block returns the cache, the others pass it through
-                undo.append(_shadow(t.blocks[0], "forward", cached))
-                undo.extend(_shadow(t.blocks[i], "forward", _skip) for i in range(1, t.prefix))
+                undo.append(shadow(t.blocks[0], "forward", cached))
+                undo.extend(shadow(t.blocks[i], "forward", _skip) for i in range(1, t.prefix))
             else:
-                undo.append(_shadow(t.owner, t.attr, cached))
+                undo.append(shadow(t.owner, t.attr, cached))
         with _undone(undo):
             yield
 
@@ -214,7 +217,7 @@ def _undone(undo: list[Any]) -> Iterator[None]:
             u()
 
 
-def _shadow(owner: Any, attr: str, fn: Any) -> Any:
+def shadow(owner: Any, attr: str, fn: Any) -> Any:
     """Shadow a method with an instance attribute (``nn.Module.__call__`` looks up ``self.forward``); returns
     the undo."""
     had = attr in vars(owner)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from zerovl_lightning.assets import to_plain, to_portable
 from zerovl_lightning.dga import DecoupledStep, split_batch
 from zerovl_lightning.distributed import world_info
 from zerovl_lightning.eval.validation import RetrievalValidation
+from zerovl_lightning.feature_cache import FeatureCache, sample_keys
 from zerovl_lightning.locked_cache import LockedTowerCache
 from zerovl_lightning.loss import ContrastiveLoss
 from zerovl_lightning.lr_schedule import warmup_cosine
@@ -45,6 +47,8 @@ DEFAULT_DGA: dict[str, Any] = {
     "locked_cache": True,  # locked tower parts run once per step (pass 1), replayed in pass 2
     "locked_cache_mb": 2048.0,  # refuse a step whose locked-tower cache would exceed this (per rank)
 }
+# Locked towers' outputs kept per sample across steps (feature_cache.py; conf/module/zerovl.yaml).
+DEFAULT_FEATURE_CACHE: dict[str, Any] = {"enabled": False, "limit_mb": 4096.0}
 LOSSES = ("infonce", "siglip")
 
 
@@ -87,12 +91,13 @@ class ZeroVLModule(L.LightningModule):
         retrieval: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
         lr_scales: Mapping[str, float] | None = None,
+        feature_cache: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Hydra hands the option nodes over as OmegaConf containers; the module config cannot take `_convert_: all`,
         # because its model node must reach to_portable unresolved (asset references survive in the checkpoint).
-        optimizer, scheduler, mixup, dga, retrieval, lr_scales = (
-            to_plain(node) for node in (optimizer, scheduler, mixup, dga, retrieval, lr_scales)
+        optimizer, scheduler, mixup, dga, retrieval, lr_scales, feature_cache = (
+            to_plain(node) for node in (optimizer, scheduler, mixup, dga, retrieval, lr_scales, feature_cache)
         )
         if isinstance(model, nn.Module):
             self.save_hyperparameters(ignore=["model"])
@@ -138,6 +143,9 @@ class ZeroVLModule(L.LightningModule):
         if self.tower_cache is not None:
             log.info("DGA pass 2 replays the locked parts, not recomputing them (%s)", self.tower_cache.describe())
         self.save_hyperparameters({"sub_batch_size": self.sub_batch_size, "mixup": mixup_cfg, "dga": self.dga_cfg})
+        self.feature_cache_cfg = {**DEFAULT_FEATURE_CACHE, **(feature_cache or {})}
+        self.feature_cache = _feature_cache(self.model, self.feature_cache_cfg)
+        self.save_hyperparameters({"feature_cache": self.feature_cache_cfg})
         # Zero-shot retrieval in the validation loop (options: ks, chunk_size, ties); sets come from val_dataloader.
         retrieval_cfg = dict(retrieval or {})
         self.retrieval = RetrievalValidation(**retrieval_cfg)
@@ -147,11 +155,29 @@ class ZeroVLModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         plan = self.mixup.plan(self.global_step)  # one plan per optimizer step, the same on every rank
         lr = self._current_lr()  # read before the step: the rate this step's update uses
-        if not self.automatic_optimization:
-            return self._dga_training_step(batch, plan, lr)
-        images, tokens = batch["image"], batch["text"]
+        cache = self.feature_cache
+        with cache.step(plan) if cache is not None else nullcontext():  # outside DGA's two passes
+            loss = (
+                self._dga_training_step(batch, plan, lr)
+                if not self.automatic_optimization
+                else self._plain_training_step(batch, plan, lr)
+            )
+        if cache is not None:  # the share of this step's locked-tower lookups answered from the cache
+            hits, misses = cache.take_counts()
+            self.log("train/feature_cache_hit_rate", hits / max(hits + misses, 1), batch_size=len(batch["image"]))
+        return loss
+
+    def _encode(self, batch: Mapping[str, Any], plan: MixupPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit embeddings [b, D] of a (sub-)batch with the step's mixup; cached towers answer per sample."""
+        if self.feature_cache is None:
+            return encode_pair(self.model, batch["image"], batch["text"], plan)
+        with self.feature_cache.batch(sample_keys(batch)):
+            return encode_pair(self.model, batch["image"], batch["text"], plan)
+
+    def _plain_training_step(self, batch: Mapping[str, Any], plan: MixupPlan, lr: float | None) -> torch.Tensor:
+        images = batch["image"]
         # [b, D] unit norm each; mixup (if any) mirrors partners inside this forward batch
-        image_emb, text_emb = encode_pair(self.model, images, tokens, plan)
+        image_emb, text_emb = self._encode(batch, plan)
         world = world_info()
         targets = self.mixup.targets(plan, images.shape[0], None, world.rank, world.world_size, images.device)
         loss = self._loss(image_emb, text_emb, targets)
@@ -186,7 +212,7 @@ class ZeroVLModule(L.LightningModule):
             opt.zero_grad(set_to_none=not keep_views)
             res = self.dga_step(
                 self.model,
-                lambda sub: encode_pair(self.model, sub["image"], sub["text"], plan),
+                lambda sub: self._encode(sub, plan),
                 subs,
                 self.model.logit_scale,
                 targets,
@@ -306,6 +332,22 @@ class ZeroVLModule(L.LightningModule):
 def batch_size(batch: Mapping[str, Any]) -> int:
     """Pairs in a training batch (``ThroughputMonitor(batch_size_fn=...)``, conf/callbacks/throughput.yaml)."""
     return int(batch["image"].shape[0])
+
+
+def _feature_cache(model: nn.Module, cfg: Mapping[str, Any]) -> FeatureCache | None:
+    """``module.feature_cache`` for this model; a model with nothing it can cache gets a warning, not an error
+    (an experiment's setting under a swapped-in model, e.g. experiment=demo model=tiny)."""
+    if not cfg["enabled"]:
+        return None
+    cache = FeatureCache.for_model(model, float(cfg["limit_mb"]))
+    if cache is None:
+        log.warning(
+            "module.feature_cache: no tower is wholly locked or locked below a trainable head, so nothing is "
+            "cached (model.lock_image / model.lock_text with no unlocked groups / layers)"
+        )
+    else:
+        log.info("module.feature_cache keeps each sample's locked-tower output across steps (%s)", cache.describe())
+    return cache
 
 
 def _check_loss(loss: str, model: nn.Module) -> str:

@@ -62,6 +62,7 @@ from .transforms import (
     TokenAugment,
     build_train_transform,
     min_crop_fraction,
+    train_image_size,
 )
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ class ZeroVLDataModule(LightningDataModule):
         resampled: draw shards with replacement (endless per-slot streams; for large corpora).
         seed: sampling seed (source plan, shard orders, shuffle buffers, augmentation).
         image_size: overrides the model's ``preprocess_cfg`` size.
-        auto_augment / crop_scale: ZeroVL's train transform (AutoAugment on, RandomResizedCrop scale 0.6–1).
+        auto_augment / crop_scale: ZeroVL's train transform (AutoAugment on, RandomResizedCrop scale 0.6–1);
+            ``crop_scale=None`` resizes and centre-crops instead (with AutoAugment off: the same pixels every
+            epoch, as ``module.feature_cache`` needs).
         text_augment: ZeroVL's word-piece masking/replacement/deletion on the token ids.
         shuffle_buffer: samples in each stream's seeded shuffle buffer.
         split: ``shard`` | ``sample`` | ``auto`` — how a source is divided among rank × worker slots
@@ -128,7 +131,7 @@ class ZeroVLDataModule(LightningDataModule):
         seed: int = 0,
         image_size: int | None = None,
         auto_augment: bool = True,
-        crop_scale: Sequence[float] = (0.6, 1.0),
+        crop_scale: Sequence[float] | None = (0.6, 1.0),
         text_augment: bool = False,
         shuffle_buffer: int = 1000,
         split: str = "auto",
@@ -171,21 +174,22 @@ class ZeroVLDataModule(LightningDataModule):
         self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
         self.preprocess_cfg = dict(preprocess_cfg) if preprocess_cfg is not None else {}
         self.image_size = int(image_size) if image_size is not None else None
+        scale = None if crop_scale is None else tuple(crop_scale)  # None: no random crop (deterministic)
         self.train_transform = build_train_transform(
-            self.preprocess_cfg, self.image_size, scale=tuple(crop_scale), auto_augment=auto_augment
+            self.preprocess_cfg, self.image_size, scale=scale, auto_augment=auto_augment
         )
         # The loader normalises whole batches: per image it stops at uint8 (same values, less copying).
         self._sample_transform = build_train_transform(
             self.preprocess_cfg,
             self.image_size,
-            scale=tuple(crop_scale),
+            scale=scale,
             auto_augment=auto_augment,
             normalize=False,
         )
         self._normalize = BatchNormalize(self.preprocess_cfg)
-        size = self.train_transform.transforms[0].size[0]
+        size = train_image_size(self.preprocess_cfg, self.image_size)
         # libjpeg may decode at 1/2, 1/4, 1/8 scale as long as the smallest crop still covers `size` pixels
-        self.draft_size = math.ceil(size / min_crop_fraction(tuple(crop_scale))) if jpeg_draft else None
+        self.draft_size = math.ceil(size / min_crop_fraction(scale)) if jpeg_draft else None
         self.text_augment = TokenAugment.from_tokenizer(self.tokenizer) if text_augment else None
         self._world_override, self._rank_override = world_size, rank
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked workers

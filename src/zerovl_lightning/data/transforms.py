@@ -1,6 +1,8 @@
 """ZeroVL's image and text augmentations (``zerovl-method.md``, "Defaults of the paper's config").
 
-- Train: RandomResizedCrop(size, scale 0.6–1) → AutoAugment (ImageNet policy) → normalize.
+- Train: RandomResizedCrop(size, scale 0.6–1) → AutoAugment (ImageNet policy) → normalize. ``scale=None``:
+  Resize(shorter side to size) → CenterCrop(size) instead of the random crop, so that with AutoAugment off every
+  epoch sees the same pixels (``module.feature_cache`` needs that).
 - Eval: Resize((size·256/224, size·256/224)) → CenterCrop(size) → normalize (256/224 at the paper's 224 px).
 - Text (train, optional): each word-piece is picked with p = 0.2, a picked one is masked (50%), replaced by a
   random token (10%) or deleted (40%). Works on token ids from the model's tokenizer, never touching the
@@ -24,7 +26,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _size(preprocess_cfg: Mapping[str, Any] | None, image_size: int | None) -> int:
+def train_image_size(preprocess_cfg: Mapping[str, Any] | None, image_size: int | None) -> int:
+    """The side of the train crop: ``image_size`` or the model's ``preprocess_cfg`` size (224 by default)."""
     if image_size is not None:
         return int(image_size)
     size = (preprocess_cfg or {}).get("size", 224)
@@ -47,7 +50,7 @@ def build_train_transform(
     preprocess_cfg: Mapping[str, Any] | None = None,
     image_size: int | None = None,
     *,
-    scale: tuple[float, float] = (0.6, 1.0),
+    scale: tuple[float, float] | None = (0.6, 1.0),
     auto_augment: bool = True,
     normalize: bool = True,
 ) -> T.Compose:
@@ -56,10 +59,14 @@ def build_train_transform(
     ``normalize=False`` stops at a uint8 tensor, for loaders that normalise whole batches at once
     (:class:`BatchNormalize`, one vectorised pass instead of two float copies per image).
     """
-    size = _size(preprocess_cfg, image_size)
+    size = train_image_size(preprocess_cfg, image_size)
     interp = _interpolation(preprocess_cfg)
     mean, std = _mean_std(preprocess_cfg)
-    ops: list[Any] = [T.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp)]
+    ops: list[Any] = (
+        [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
+        if scale is None
+        else [T.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp)]
+    )
     if auto_augment:
         ops.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
     ops += [T.ToTensor(), T.Normalize(mean, std)] if normalize else [T.PILToTensor()]
@@ -79,9 +86,10 @@ class BatchNormalize:
         return images.float().mul_(self.scale).sub_(self.shift)
 
 
-def min_crop_fraction(scale: Sequence[float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> float:
-    """Smallest side of a RandomResizedCrop box relative to the image's shorter side (JPEG draft decoding)."""
-    return min(1.0, (scale[0] * ratio[0]) ** 0.5)
+def min_crop_fraction(scale: Sequence[float] | None, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> float:
+    """Smallest side of a RandomResizedCrop box relative to the image's shorter side (JPEG draft decoding);
+    1 without a random crop."""
+    return 1.0 if scale is None else min(1.0, (scale[0] * ratio[0]) ** 0.5)
 
 
 class TokenAugment:

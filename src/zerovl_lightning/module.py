@@ -169,9 +169,8 @@ class ZeroVLModule(L.LightningModule):
 
     def _encode(self, batch: Mapping[str, Any], plan: MixupPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit embeddings [b, D] of a (sub-)batch with the step's mixup; cached towers answer per sample."""
-        if self.feature_cache is None:
-            return encode_pair(self.model, batch["image"], batch["text"], plan)
-        with self.feature_cache.batch(sample_keys(batch)):
+        cache = self.feature_cache
+        with cache.batch(sample_keys(batch)) if cache is not None else nullcontext():
             return encode_pair(self.model, batch["image"], batch["text"], plan)
 
     def _plain_training_step(self, batch: Mapping[str, Any], plan: MixupPlan, lr: float | None) -> torch.Tensor:

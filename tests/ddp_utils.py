@@ -19,9 +19,12 @@ inside ``fn`` joins the existing group (pass ``use_distributed_sampler=False`` a
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +32,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a process group's store, *below* the ephemeral range.
+
+    The port is free now but bound only seconds later, when the launched ranks have imported torch. A port the
+    kernel hands out (``bind(("", 0))``) could meanwhile go to another test's gloo pair listener or outbound
+    connection (the kernel draws those from the ephemeral range), so two groups would meet on one store. Ports
+    below that range are only ever taken by an explicit bind.
+    """
+    low = _ephemeral_low()
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port below the ephemeral range ({low})")
 
 
 def _worker(

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from ddp_utils import free_port
 from PIL import Image
 
 from zerovl_lightning.data.image_decoding import to_rgb
@@ -351,8 +352,6 @@ def _ddp_eval_worker(rank: int, world: int, port: int, folder: str, out_path: st
 @pytest.mark.ddp
 def test_two_process_evaluation_equals_single_process(shards, tmp_path):
     """Rank split of shards and datasets + metric sync: the same numbers as one process."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from zerovl_lightning.eval.linear_probe import extract_features
@@ -360,9 +359,7 @@ def test_two_process_evaluation_equals_single_process(shards, tmp_path):
 
     root, _ = shards
     folder = str(root / "toy" / "heldout")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_eval_worker, args=(2, port, folder, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_utils import free_port
 
 from zerovl_lightning.eval.retrieval import (
     RetrievalMetric,
@@ -209,9 +209,7 @@ def _ddp_data():
 def test_two_process_ddp_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out_path = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(2, port, out_path), nprocs=2, join=True)
     img, txt, cap_img = _ddp_data()

@@ -22,7 +22,6 @@ import os
 import random
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ def free_port() -> int:
     below that range are only ever taken by an explicit bind.
     """
     low = _ephemeral_low()
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    rng = random.SystemRandom()  # not the global RNG: tests seed it, and two workers would draw the same ports
     for _ in range(200):
         port = rng.randrange(max(1024, low - 12000), low)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
